@@ -1,0 +1,392 @@
+"""Real DICOM peers for tests and the benchmark: never mocks.
+
+- ``ScriptedSCP``: a pynetdicom C-STORE SCP in this process whose answers a test
+  scripts (statuses in order, association rejection, abort, slow replies, only
+  some transfer syntaxes or SOP classes). It records every instance it received.
+- ``Storescp``: DCMTK's storescp as a subprocess writing into a folder.
+- ``Orthanc``: the Debian Orthanc server with its own config on free ports.
+- ``storescu``/``echoscu``: DCMTK's SCU tools as a modality would use them.
+
+Every peer binds or talks to 127.0.0.1 only, on ports picked free, and stops
+what it started. DCMTK and Orthanc keep Nagle on unless TCP_NODELAY=1 is in the
+environment; ``peer_env()`` sets it, or each small C-STORE stalls ~90 ms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt, register_uid
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification
+
+from tests.dicomgen import PRIVATE_SOP_CLASS
+
+# A scripted destination must store our private test class like any other storage class.
+register_uid(PRIVATE_SOP_CLASS, "HermesTestPrivateStorage", StorageServiceClass)
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    """Poll ``cond`` until truthy; fail the test with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    def up() -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            return s.connect_ex((LOOPBACK, port)) == 0
+    wait_for(up, timeout, what=f"port {port} to listen")
+
+
+def peer_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str) -> str:
+    """Path of a peer binary; skip where missing, but fail in CI (a missing peer is a bug)."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}")
+                                  else None)
+    if path:
+        return path
+    msg = f"{name} not installed (apt-get install {'orthanc' if name == 'Orthanc' else 'dcmtk'})"
+    if in_ci():
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+# ---------------------------------------------------------------- scripted pynetdicom SCP
+
+
+@dataclass
+class Received:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    data: bytes  # the encoded dataset as received (no file meta)
+
+
+@dataclass
+class Script:
+    """What the scripted destination answers.
+
+    ``statuses`` are used in order, one per C-STORE (then ``default_status``);
+    ``reject`` = (result, source, reason) rejects every association (e.g. (1,1,7)
+    permanent "called AE not recognised", (2,3,2) transient);
+    ``abort_after`` aborts the association when that many stores arrived on it;
+    ``delay`` sleeps before answering; ``transfer_syntaxes``/``sop_classes`` limit
+    what is accepted (None = everything).
+    """
+
+    statuses: list[int] = field(default_factory=list)
+    default_status: int = 0x0000
+    reject: tuple[int, int, int] | None = None
+    abort_after: int | None = None
+    delay: float = 0.0
+    transfer_syntaxes: Sequence[str] | None = None
+    sop_classes: Sequence[str] | None = None
+
+
+class ScriptedSCP:
+    """A pynetdicom Storage SCP on 127.0.0.1 whose behaviour the test scripts."""
+
+    def __init__(self, ae_title: str = "DEST", port: int | None = None,
+                 script: Script | None = None):
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.script = script or Script()
+        self.received: list[Received] = []
+        self.answers: list[int] = []
+        self.associations = 0
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self._per_assoc: dict[int, int] = {}
+
+    # what a test reads
+    @property
+    def uids(self) -> set[str]:
+        with self._lock:
+            return {r.sop_instance_uid for r in self.received}
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.received)
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_pdu_size = 262144
+        ae.maximum_associations = 20
+        ts = list(self.script.transfer_syntaxes or ALL_TRANSFER_SYNTAXES)
+        if self.script.sop_classes is not None:
+            for uid in self.script.sop_classes:
+                ae.add_supported_context(uid, ts)
+        else:
+            for cx in AllStoragePresentationContexts:
+                ae.add_supported_context(cx.abstract_syntax, ts)
+            ae.add_supported_context(PRIVATE_SOP_CLASS, ts)
+        ae.add_supported_context(Verification)
+        return ae
+
+    def _on_requested(self, event: evt.Event) -> None:
+        with self._lock:
+            self.associations += 1
+        if self.script.reject:
+            event.assoc.acse.send_reject(*self.script.reject)
+
+    def _on_store(self, event: evt.Event) -> int:
+        if self.script.delay:
+            time.sleep(self.script.delay)
+        key = id(event.assoc)
+        with self._lock:
+            n = self._per_assoc[key] = self._per_assoc.get(key, 0) + 1
+            if self.script.abort_after is not None and n > self.script.abort_after:
+                abort = True
+            else:
+                abort = False
+                status = (self.script.statuses.pop(0) if self.script.statuses
+                          else self.script.default_status)
+        if abort:
+            event.assoc.abort()
+            return 0xA700
+        if status < 0xA000 or status >= 0xB000 and status < 0xC000:
+            req = event.request
+            with self._lock:
+                self.received.append(Received(
+                    sop_instance_uid=str(req.AffectedSOPInstanceUID),
+                    sop_class_uid=str(req.AffectedSOPClassUID),
+                    transfer_syntax=str(event.context.transfer_syntax),
+                    calling_ae=event.assoc.requestor.ae_title,
+                    data=req.DataSet.getvalue(),
+                ))
+        with self._lock:
+            self.answers.append(status)
+        return status
+
+    def start(self) -> ScriptedSCP:
+        ae = self._build_ae()
+        self._server = ae.start_server(
+            (LOOPBACK, self.port), block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                          (evt.EVT_REQUESTED, self._on_requested)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def __enter__(self) -> ScriptedSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- DCMTK
+
+
+class Storescp:
+    """DCMTK storescp writing every received instance to ``folder``.
+
+    By default it accepts every transfer syntax it knows (+xa) and unknown SOP
+    classes (-pm); pass ``extra=()`` for storescp's own uncompressed-only default.
+
+    storescp listens on every interface; tests only ever send it loopback traffic.
+    """
+
+    def __init__(self, folder: Path, ae_title: str = "STORESCP", port: int | None = None,
+                 extra: Sequence[str] = ("+xa", "-pm")):
+        self.folder = Path(folder)
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Storescp:
+        exe = require_tool("storescp")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [exe, "--aetitle", self.ae_title, "--output-directory", str(self.folder),
+             "--max-pdu", "131072", *self.extra, str(self.port)],
+            env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def files(self) -> list[Path]:
+        return [p for p in self.folder.rglob("*") if p.is_file()]
+
+    def uids(self) -> set[str]:
+        out = set()
+        for p in self.files():
+            with contextlib.suppress(Exception):
+                out.add(str(dcmread(p, stop_before_pixels=True,
+                                    specific_tags=["SOPInstanceUID"]).SOPInstanceUID))
+        return out
+
+    def __enter__(self) -> Storescp:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def dcmsend(port: int, files: Iterable[Path], called: str = "HERMES", calling: str = "MODALITY",
+            timeout: float = 300.0, extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """Send files as a modality would, with DCMTK dcmsend.
+
+    dcmsend proposes each file's own transfer syntax (compressed included) plus the
+    uncompressed ones, never decompresses (-dn), accepts private SOP classes
+    (-nuc) and opens further associations past 128 contexts (+ma).
+    """
+    exe = require_tool("dcmsend")
+    return subprocess.run(
+        [exe, "-aet", calling, "-aec", called, "-dn", "-nuc", "+ma", "-nh", "+crf",
+         "/dev/stdout", *extra, LOOPBACK, str(port), *[str(f) for f in files]],
+        env=peer_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def storescu(port: int, files: Iterable[Path], called: str = "HERMES", calling: str = "MODALITY",
+             timeout: float = 300.0, extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """Send uncompressed/lossless files with DCMTK storescu on one association."""
+    exe = require_tool("storescu")
+    return subprocess.run(
+        [exe, "-aet", calling, "-aec", called, "-nh", *extra, LOOPBACK, str(port),
+         *[str(f) for f in files]],
+        env=peer_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def echoscu(port: int, called: str = "HERMES", calling: str = "ECHOSCU",
+            timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    exe = require_tool("echoscu")
+    return subprocess.run([exe, "-aet", calling, "-aec", called, LOOPBACK, str(port)],
+                          env=peer_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- Orthanc
+
+
+class Orthanc:
+    """The Debian Orthanc as a real PACS, on free ports, with its own storage folder.
+
+    ``lua`` is an optional script body (the benchmark uses the canonical
+    autorouting one-liner); ``modalities`` maps names to (AET, host, port).
+    """
+
+    def __init__(self, workdir: Path, ae_title: str = "ORTHANC",
+                 modalities: dict[str, tuple[str, str, int]] | None = None,
+                 lua: str | None = None):
+        self.workdir = Path(workdir)
+        self.ae_title = ae_title
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.modalities = modalities or {}
+        self.lua = lua
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Orthanc:
+        exe = require_tool("Orthanc")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg: dict[str, Any] = {
+            "Name": "hermes-test", "StorageDirectory": str(self.workdir / "db"),
+            "IndexDirectory": str(self.workdir / "db"), "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False, "StorageCompression": False,
+            "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
+            "Plugins": [], "HttpServerEnabled": True, "DicomScpTimeout": 30,
+            "UnknownSopClassAccepted": True, "ConcurrentJobs": 2,
+            "StableAge": 1, "SaveJobs": False,
+        }
+        if self.lua:
+            (self.workdir / "route.lua").write_text(self.lua)
+            cfg["LuaScripts"] = [str(self.workdir / "route.lua")]
+        (self.workdir / "orthanc.json").write_text(json.dumps(cfg, indent=2))
+        self.proc = subprocess.Popen([exe, str(self.workdir / "orthanc.json")], env=peer_env(),
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(self.workdir / "orthanc.log", "wb"))  # noqa: SIM115
+        wait_port(self.dicom_port, 60)
+        wait_port(self.http_port, 60)
+        return self
+
+    def api(self, path: str) -> Any:
+        import urllib.request
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{self.http_port}{path}", timeout=30) as r:
+            return json.loads(r.read())
+
+    def instance_count(self) -> int:
+        return int(self.api("/statistics")["CountInstances"])
+
+    def sop_uids(self) -> set[str]:
+        out = set()
+        for iid in self.api("/instances"):
+            tags = self.api(f"/instances/{iid}/simplified-tags")
+            out.add(tags["SOPInstanceUID"])
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def __enter__(self) -> Orthanc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def pixel_bytes(ds: Dataset) -> bytes:
+    return bytes(ds.PixelData) if "PixelData" in ds else b""

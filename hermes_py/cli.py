@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,7 +85,7 @@ def _run(args: argparse.Namespace, cfg: Settings) -> int:
     v = args.verb
     if v == "serve":
         from hermes_py import supervisor
-        return supervisor.serve(cfg)
+        return supervisor.serve(cfg, log_level=args.log_level, log_format=args.log_format)
     if v == "receive":
         from hermes_py import receiver
         return receiver.run(cfg)
@@ -92,9 +93,9 @@ def _run(args: argparse.Namespace, cfg: Settings) -> int:
         from hermes_py import router
         return router.run(cfg)
     if v == "dispatch":
-        from hermes_py import dispatcher
         if args.name not in cfg.destinations:
             raise HermesError(_unknown_dest(cfg, args.name))
+        from hermes_py import dispatcher
         return dispatcher.run(cfg, args.name)
     if v == "clean":
         from hermes_py import cleaner
@@ -145,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb = args.verb if args.verb != "rules" else f"rules-{args.rules_verb}"
     log.setup(args.log_level, args.log_format,
               process=verb + (f":{args.name}" if verb == "dispatch" else ""))
+    if os.environ.get("HERMES_PY_SUPERVISOR_PID"):
+        from hermes_py.supervisor import child_setup
+        child_setup()
     try:
         cfg = load(args.config)
         return _run(args, cfg)

@@ -9,15 +9,15 @@ its old settings when the new ones do not validate.
 
 from __future__ import annotations
 
-import fnmatch
+import difflib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from hermes_py.errors import HermesError
 
@@ -113,37 +113,71 @@ class DestinationSettings:
     status_classes: Mapping[int, str] = field(default_factory=dict)
 
 
+def _is_glob(pattern: str) -> bool:
+    return "*" in pattern or "?" in pattern
+
+
+def _glob_regex(pattern: str) -> str:
+    """``*`` any run of characters, ``?`` exactly one; everything else literal.
+
+    Deliberately not fnmatch: ``[`` is an ordinary character in DICOM values
+    ("[CT] HEAD"), so a rule written with one must match it literally.
+    """
+    return "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+
+
 @dataclass(frozen=True)
 class Condition:
-    """One ``match``/``exclude`` entry: a key and the patterns any of which may hold."""
+    """One ``match``/``exclude`` entry: a key and the patterns any of which may hold.
+
+    Patterns are exact strings or globs (``*``, ``?``); ``regex`` (searched, not
+    anchored: write ``^...$`` to anchor) replaces them. With ``ignore_case`` the
+    value and the patterns are compared casefolded. The patterns are compiled
+    once here so the router pays one set lookup or one regex per value.
+    """
 
     key: str
     patterns: tuple[str, ...]
     regex: re.Pattern[str] | None = None
     ignore_case: bool = False
     source: str = ""  # the TOML value as written, for explanations
+    _exact: frozenset[str] = field(init=False, repr=False, compare=False)
+    _glob: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pats = [p.casefold() if self.ignore_case else p for p in self.patterns]
+        globs = [p for p in pats if _is_glob(p)]
+        object.__setattr__(self, "_exact", frozenset(p for p in pats if not _is_glob(p)))
+        object.__setattr__(self, "_glob", re.compile(
+            "|".join(f"(?:{_glob_regex(g)})" for g in globs), re.DOTALL) if globs else None)
+
+    @property
+    def kind(self) -> str:
+        if self.regex is not None:
+            return "regex"
+        return "glob" if self._glob is not None else "exact"
 
     def holds(self, value: str | None) -> bool:
-        """Multi-valued DICOM elements arrive joined with backslashes; any value may match."""
+        """Whether the condition holds for one element's value (None: element absent).
+
+        Multi-valued DICOM elements arrive joined with backslashes
+        (``ORIGINAL\\PRIMARY\\AXIAL``): the condition holds if it holds for any
+        single value, or for the whole joined string. An absent element never
+        satisfies a condition (so ``"*"`` means "present"); an empty one is "".
+        """
         if value is None:
             return False
-        values = value.split("\\") if "\\" in value else [value]
-        return any(self._holds_one(v) for v in values) or (
-            len(values) > 1 and self._holds_one(value)
-        )
+        if "\\" in value:
+            return self._holds_one(value) or any(self._holds_one(v) for v in value.split("\\"))
+        return self._holds_one(value)
 
     def _holds_one(self, value: str) -> bool:
         if self.regex is not None:
             return self.regex.search(value) is not None
         v = value.casefold() if self.ignore_case else value
-        for p in self.patterns:
-            pat = p.casefold() if self.ignore_case else p
-            if any(c in pat for c in "*?["):
-                if fnmatch.fnmatchcase(v, pat):
-                    return True
-            elif v == pat:
-                return True
-        return False
+        if v in self._exact:
+            return True
+        return self._glob is not None and self._glob.fullmatch(v) is not None
 
 
 Level = Literal["instance", "series", "study"]
@@ -240,13 +274,58 @@ class _Locator:
             return start + 1
         key_re = re.compile(r'^\s*"?' + re.escape(key) + r'"?\s*=')
         inline_re = re.compile(r'[{,]\s*"?' + re.escape(key) + r'"?\s*=')
-        for i in range(start + (1 if table else 0), len(self.lines)):
+        if not table:
+            # A top-level key is either written before the first table or is a table.
+            head_re = re.compile(r'^\s*\[\[?\s*"?' + re.escape(key) + r'"?\s*[\].]')
+            in_root = True
+            for i, raw in enumerate(self.lines):
+                if re.match(r"^\s*\[", raw):
+                    in_root = False
+                    if head_re.match(raw):
+                        return i + 1
+                elif in_root and key_re.match(raw):
+                    return i + 1
+            return None
+        for i in range(start + 1, len(self.lines)):
             raw = self.lines[i]
-            if i > start and table and re.match(r"^\s*\[", raw):
+            if re.match(r"^\s*\[", raw):
                 break
             if key_re.match(raw) or inline_re.search(raw):
                 return i + 1
-        return start + 1 if table else None
+        return start + 1
+
+    def rule_line(self, index: int, section: str, key: str | None = None) -> int | None:
+        """Line of ``section`` (``match``/``exclude``) of rule ``index``, or of one of its keys.
+
+        Handles both spellings: ``match = { Modality = "CT" }`` on the rule's
+        own lines, and a ``[rules.match]`` sub-table below the ``[[rules]]``.
+        """
+        start = self._header_line(("rules", index))
+        if start is None:
+            return None
+        q = r'\s*"?'
+        sec = re.escape(section)
+        inline_re = re.compile(rf'^{q}{sec}"?\s*=')
+        dotted_re = re.compile(rf'^{q}{sec}"?\s*\.{q}{re.escape(key or "")}"?\s*=')
+        sub_re = re.compile(rf'^\s*\[{q}rules"?\s*\.{q}{sec}"?\s*\]')
+        key_re = re.compile(rf'^{q}{re.escape(key or "")}"?\s*=')
+        in_sub = False
+        sub_line: int | None = None
+        for i in range(start + 1, len(self.lines)):
+            raw = self.lines[i]
+            if re.match(r"^\s*\[", raw):
+                if re.match(r"^\s*\[\[", raw) or not re.match(r'^\s*\[\s*"?rules"?\s*\.', raw):
+                    break  # the next rule or another table: this rule ends here
+                in_sub = bool(sub_re.match(raw))
+                if in_sub:
+                    sub_line = i + 1
+                continue
+            if in_sub:
+                if key is None or key_re.match(raw):
+                    return i + 1 if key else sub_line
+            elif inline_re.match(raw) or (key and dotted_re.match(raw)):
+                return i + 1
+        return sub_line or start + 1
 
 
 class _Parser:
@@ -266,7 +345,9 @@ class _Parser:
         for k in data:
             if k not in allowed:
                 expected = ", ".join(sorted(allowed))
-                raise self.err(table, k, f"unknown key (expected one of: {expected})")
+                close = difflib.get_close_matches(k, sorted(allowed), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise self.err(table, k, f"unknown key ({hint}expected one of: {expected})")
 
     def get(self, table: tuple[str | int, ...], data: Mapping[str, Any], key: str,
             typ: type | tuple[type, ...], default: Any) -> Any:
@@ -404,58 +485,94 @@ def _parse_destination(p: _Parser, name: str, data: Any, retry: RetryPolicy,
 
 
 _COND_TABLE_KEYS = {"regex", "glob", "equals", "any", "ignore_case"}
+# Elements a rule cannot test: sequences hold datasets and binary VRs hold bytes
+# (PixelData among them, which the router never reads).
+_UNMATCHABLE_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW"}
+_SOURCES = ("network", "drop")
 
 
-def _parse_condition(p: _Parser, table: tuple[str | int, ...], section: str, key: str,
-                     value: Any) -> Condition:
-    where = f"{section}.{key}"
-    if key not in RECEIVE_KEYS and tag_for_keyword(key) is None:
-        extra = ", ".join(RECEIVE_KEYS)
-        raise p.err(table, where, "unknown DICOM keyword (keywords are CamelCase, e.g. "
-                                  f"Modality, StudyDescription; or one of {extra})",
-                    line_key=section)
+def _tag_str(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _keyword_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a condition key, or None when it can."""
+    if key in RECEIVE_KEYS:
+        return None
+    tag = tag_for_keyword(key)
+    if tag is None:
+        candidates = [*RECEIVE_KEYS, *keyword_dict]
+        folded = [c for c in candidates if c.casefold() == key.casefold()]
+        close = folded or difflib.get_close_matches(key, candidates, n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return (f"unknown DICOM keyword {key!r} ({hint}keywords are spelled as in the standard, "
+                f"e.g. Modality, StudyDescription; or one of {', '.join(RECEIVE_KEYS)})")
+    vr = dictionary_VR(tag)
+    if vr in _UNMATCHABLE_VRS:
+        what = "pixel data, which the router never reads" if key == "PixelData" else (
+            "a sequence" if vr == "SQ" else "binary data")
+        return f"{key} {_tag_str(tag)} has VR {vr} ({what}): only text and number " \
+               "elements can be matched"
+    return None
+
+
+def _parse_condition(p: _Parser, index: int, section: str, key: str, value: Any) -> Condition:
+    line = p.loc.rule_line(index, section, key)
+
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(p.path, f"rules[{index}].{section}.{key}", msg, line)
+
+    if key in _RULE_KEYS:
+        raise bad(f"{key!r} is a rule key, but TOML puts every key written after a "
+                  f"[rules.{section}] header into that table: move it above the header")
+    problem = _keyword_problem(key)
+    if problem:
+        raise bad(problem)
     ignore_case = False
     regex: re.Pattern[str] | None = None
     if isinstance(value, dict):
-        unknown = set(value) - _COND_TABLE_KEYS
+        unknown = sorted(set(value) - _COND_TABLE_KEYS)
         if unknown:
-            raise p.err(table, where, f"unknown key {sorted(unknown)[0]!r} in condition "
-                                      "(use regex, glob, equals, any, ignore_case)",
-                        line_key=section)
+            close = difflib.get_close_matches(unknown[0], sorted(_COND_TABLE_KEYS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise bad(f"unknown key {unknown[0]!r} in condition ({hint}use regex, glob, equals, "
+                      "any, ignore_case)")
         ignore_case = value.get("ignore_case", False)
         if not isinstance(ignore_case, bool):
-            raise p.err(table, where, "ignore_case must be true or false", line_key=section)
+            raise bad("ignore_case must be true or false")
         kinds = [k for k in ("regex", "glob", "equals", "any") if k in value]
         if len(kinds) != 1:
-            raise p.err(table, where, "a condition table needs exactly one of regex, glob, "
-                                      "equals, any", line_key=section)
+            raise bad("a condition table needs exactly one of regex, glob, equals, any "
+                      "(e.g. { regex = \"^CT\", ignore_case = true })")
         kind = kinds[0]
         inner = value[kind]
         if kind == "regex":
             if not isinstance(inner, str):
-                raise p.err(table, where, "regex must be a string", line_key=section)
+                raise bad("regex must be a string")
             try:
                 regex = re.compile(inner, re.IGNORECASE if ignore_case else 0)
             except re.error as e:
-                raise p.err(table, where, f"bad regex {inner!r}: {e}", line_key=section) from None
+                raise bad(f"bad regex {inner!r}: {e}") from None
             patterns: tuple[str, ...] = (inner,)
         else:
-            patterns = _pattern_list(p, table, where, section, inner)
+            patterns = _pattern_list(bad, inner)
     else:
-        patterns = _pattern_list(p, table, where, section, value)
+        patterns = _pattern_list(bad, value)
+    if key == "Source" and regex is None:
+        for pat in patterns:
+            if not _is_glob(pat) and pat.casefold() not in _SOURCES:
+                raise bad(f"Source is \"network\" or \"drop\", got {pat!r}")
     return Condition(key=key, patterns=patterns, regex=regex, ignore_case=ignore_case,
                      source=_toml_repr(value))
 
 
-def _pattern_list(p: _Parser, table: tuple[str | int, ...], where: str, section: str,
-                  value: Any) -> tuple[str, ...]:
+def _pattern_list(bad: Callable[[str], ConfigError], value: Any) -> tuple[str, ...]:
     if isinstance(value, str | int | float) and not isinstance(value, bool):
         return (str(value),)
     if isinstance(value, list) and value and all(
             isinstance(v, str | int | float) and not isinstance(v, bool) for v in value):
         return tuple(str(v) for v in value)
-    raise p.err(table, where, "a value is a string, a non-empty list of strings, or "
-                              "{ regex = \"...\" }", line_key=section)
+    raise bad("a value is a string, a non-empty list of strings, or { regex = \"...\" }")
 
 
 def _toml_repr(value: Any) -> str:
@@ -475,12 +592,24 @@ _RULE_KEYS = {"name", "match", "exclude", "to", "action", "level", "quiet_for", 
 
 def _parse_rule(p: _Parser, i: int, data: Any, destinations: Mapping[str, Any],
                 seen: dict[str, int]) -> Rule:
-    table: tuple[str | int, ...] = ("rules", i)
     if not isinstance(data, dict):
         raise p.err(("rules",), str(i), "each [[rules]] entry must be a table")
+    name = data.get("name")
+    try:
+        return _parse_rule_body(p, i, data, destinations, seen)
+    except ConfigError as e:
+        if not isinstance(name, str) or not name or "duplicate rule name" in e.message:
+            raise
+        # People know their rules by name, not by index: say which one.
+        raise ConfigError(e.path, e.key, f"{e.message} (rule {name!r})", e.line) from None
+
+
+def _parse_rule_body(p: _Parser, i: int, data: dict[str, Any],
+                     destinations: Mapping[str, Any], seen: dict[str, int]) -> Rule:
+    table: tuple[str | int, ...] = ("rules", i)
     p.check_keys(table, data, _RULE_KEYS)
     name = p.get(table, data, "name", str, None)
-    if not name:
+    if not name or not name.strip():
         raise ConfigError(p.path, f"rules[{i}].name", "missing (every rule needs a name)",
                           p.loc.line(table))
     if name in seen:
@@ -497,10 +626,19 @@ def _parse_rule(p: _Parser, i: int, data: Any, destinations: Mapping[str, Any],
     if priority not in ("urgent", "normal"):
         raise p.err(table, "priority", f"must be \"urgent\" or \"normal\", got {priority!r}")
     quiet_for = p.duration(table, data, "quiet_for", 60.0)
+    if "quiet_for" in data:
+        if level == "instance":
+            raise p.err(table, "quiet_for", "only applies with level = \"series\" or \"study\" "
+                                            "(an instance-level rule routes at once)")
+        p.positive(table, "quiet_for", quiet_for)
+    if action == "discard":
+        for k in ("level", "priority"):
+            if k in data:
+                raise p.err(table, k, f"a discard rule acts on each instance at once: remove {k}")
     conds: dict[str, tuple[Condition, ...]] = {}
     for section in ("match", "exclude"):
         raw = p.get(table, data, section, dict, {})
-        conds[section] = tuple(_parse_condition(p, table, section, k, v) for k, v in raw.items())
+        conds[section] = tuple(_parse_condition(p, i, section, k, v) for k, v in raw.items())
     to_raw = data.get("to", [])
     if isinstance(to_raw, str):
         to_raw = [to_raw]

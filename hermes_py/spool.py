@@ -336,6 +336,15 @@ class Spool:
                 raise
         return dst
 
+    def rename_folder(self, src: Path, dst: Path) -> None:
+        """Rename a whole folder of instances in one step (the router releasing a held batch).
+
+        Atomic: every instance is under the old name or all are under the new one,
+        and instances that arrive for the old name afterwards start a fresh folder.
+        """
+        os.rename(src, dst)
+        fsync_dir(dst.parent)
+
     def quarantine(self, path: Path, reason: str, stage: str, dest: str | None = None,
                    sidecar: dict[str, Any] | None = None) -> Path:
         """Move an instance or a dropped file to error/ (or error/<dest>/) with its reason."""

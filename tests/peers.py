@@ -170,6 +170,10 @@ class ScriptedSCP:
             self.associations += 1
         if self.script.reject:
             event.assoc.acse.send_reject(*self.script.reject)
+            # As pynetdicom's own rejection does (acse.negotiate_association): wait for the
+            # DUL to send the RJ before the server closes the socket, or the requestor
+            # usually sees a bare abort instead of the rejection.
+            event.assoc.kill()
 
     def _on_store(self, event: evt.Event) -> int:
         if self.script.delay:

@@ -1,0 +1,175 @@
+"""Ages out what is finished, sweeps what crashes leave behind; never touches error/.
+
+- success/<dest>/ entries older than ``[spool] keep_success`` and discard/
+  entries older than ``keep_discard`` are deleted. Age is the sidecar's mtime:
+  the dispatcher writes a fresh sidecar when it moves an instance into
+  success/ (so the mtime is the delivery time, the same instant as
+  ``delivered_at``) and a stat is all it costs, where parsing every JSON of a
+  week of deliveries each pass would not be. Without a sidecar, the .dcm's
+  mtime counts. The .dcm goes first: a crash in between leaves an orphan
+  sidecar, which the next pass removes.
+- tmp/ files older than ``tmp_max_age`` belong to dead writers (spool.sweep_tmp).
+- Orphan sidecars (a .json whose .dcm is gone: a crash between the two renames
+  of a move) are removed only after being seen orphaned, unchanged, on two
+  passes at least ORPHAN_GRACE apart. Age alone is not safe: in an outbox a
+  sidecar's mtime is a retry time, not an age, and every move renames the .dcm
+  a moment before its .json, so a one-pass sweep could delete the sidecar of
+  an instance that is merely being claimed. error/ and active/ are never
+  swept (error/ is the admin's; active/ is Worker.recover's).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from hermes_py.config import Settings
+from hermes_py.spool import DCM, JSON, Spool
+
+LOG = logging.getLogger(__name__)
+
+CLEAN_EVERY = 600.0
+ORPHAN_GRACE = 60.0
+
+
+@dataclass
+class CleanReport:
+    success: int = 0
+    discard: int = 0
+    tmp: int = 0
+    orphans: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.success + self.discard + self.tmp + self.orphans
+
+
+class Cleaner:
+    """Keeps the orphan suspects between passes; one per ``hermes-py clean`` process."""
+
+    def __init__(self, cfg: Settings, orphan_grace: float = ORPHAN_GRACE):
+        self.cfg = cfg
+        self.spool = Spool(cfg.spool.path)
+        self.orphan_grace = orphan_grace
+        # path -> (inode, mtime, first seen orphaned)
+        self._suspects: dict[str, tuple[int, float, float]] = {}
+
+    def clean_once(self, now: float | None = None) -> CleanReport:
+        now = time.time() if now is None else now
+        s = self.spool
+        r = CleanReport()
+        for folder in _subdirs(s.success):
+            r.success += self._age_out(folder, self.cfg.spool.keep_success, now)
+        r.discard = self._age_out(s.discard, self.cfg.spool.keep_discard, now)
+        r.tmp = s.sweep_tmp(self.cfg.spool.tmp_max_age, now)
+        r.orphans = self._orphans(now)
+        if r.total:
+            LOG.info("cleaned: %d delivered (older than %gs), %d discarded (older than %gs), "
+                     "%d stale temp file(s), %d orphan sidecar(s)", r.success,
+                     self.cfg.spool.keep_success, r.discard, self.cfg.spool.keep_discard,
+                     r.tmp, r.orphans)
+        return r
+
+    def _age_out(self, folder: Path, keep: float, now: float) -> int:
+        removed = 0
+        for e in list(self.spool.scan(folder)):
+            js = e.path[: -len(DCM)] + JSON
+            try:
+                try:
+                    t = os.stat(js).st_mtime
+                except FileNotFoundError:
+                    t = e.stat().st_mtime
+                if now - t <= keep:
+                    continue
+                os.unlink(e.path)
+                removed += 1
+                try:
+                    os.unlink(js)
+                except FileNotFoundError:
+                    pass
+            except FileNotFoundError:
+                continue  # someone (an admin) moved it meanwhile
+            except OSError as err:
+                LOG.warning("cannot remove %s: %s", e.path, err)
+        return removed
+
+    def _orphan_folders(self) -> list[Path]:
+        s = self.spool
+        out = [s.incoming, s.discard]
+        for dest in _subdirs(s.outgoing):
+            out += [dest, dest / "urgent"]
+        out += _subdirs(s.success)
+        return out
+
+    def _orphans(self, now: float) -> int:
+        removed = 0
+        seen: dict[str, tuple[int, float, float]] = {}
+        for folder in self._orphan_folders():
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if not e.name.endswith(JSON) or e.name.startswith("."):
+                    continue
+                dcm = e.path[: -len(JSON)] + DCM
+                try:
+                    if os.path.exists(dcm):
+                        continue
+                    st = e.stat()
+                except FileNotFoundError:
+                    continue
+                prev = self._suspects.get(e.path)
+                if prev and prev[0] == st.st_ino and prev[1] == st.st_mtime:
+                    if now - prev[2] >= self.orphan_grace and not os.path.exists(dcm):
+                        try:
+                            os.unlink(e.path)
+                            removed += 1
+                        except FileNotFoundError:
+                            pass
+                        continue
+                    seen[e.path] = prev
+                else:
+                    seen[e.path] = (st.st_ino, st.st_mtime, now)
+        self._suspects = seen
+        return removed
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        return sorted(Path(e.path) for e in os.scandir(folder) if e.is_dir())
+    except FileNotFoundError:
+        return []
+
+
+def clean_once(cfg: Settings, now: float | None = None) -> CleanReport:
+    """One pass with no memory: ages out and sweeps tmp/; orphans are only noted."""
+    return Cleaner(cfg).clean_once(now)
+
+
+def run(cfg: Settings) -> int:
+    """``hermes-py clean``: a pass every CLEAN_EVERY seconds until SIGTERM/SIGINT."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    Spool(cfg.spool.path).ensure()
+    cleaner = Cleaner(cfg)
+    LOG.info("cleaner: keep success %gs, discard %gs; every %gs", cfg.spool.keep_success,
+             cfg.spool.keep_discard, CLEAN_EVERY)
+    while not stop.is_set():
+        try:
+            cleaner.clean_once()
+        except OSError:
+            LOG.exception("cleaner pass failed; trying again in %gs", CLEAN_EVERY)
+        stop.wait(CLEAN_EVERY)
+    return 0

@@ -1,0 +1,659 @@
+"""The C-STORE / C-ECHO SCP: the front door, and the one place that says Success.
+
+A Success answer is a promise: the modality may delete its copy the next
+millisecond. So each C-STORE is streamed by pynetdicom into a temp file inside
+``spool/tmp`` (chunked receive: never held in memory, never decoded), and the
+handler answers 0x0000 only after ``Spool.publish`` has fsynced the data, written
+the sidecar and renamed the ``.dcm`` into ``incoming/`` with a directory fsync.
+Anything that gets in the way (free space below ``min_free_mb``, ENOSPC, EIO,
+EACCES, a bug) answers 0xA700 or 0xC211 instead, with one log line and no file
+left behind: the modality keeps its copy and retries.
+
+Decisions worth knowing:
+
+- Every storage SOP class, private and unknown ones included, is accepted through
+  ``_config.UNRESTRICTED_STORAGE_SERVICE``. In that mode pynetdicom accepts the
+  *requestor's first proposed* transfer syntax of each storage context, which is
+  the preference order we want: a modality lists the syntax its data is in first,
+  so we store exactly what it has. An acceptor-side order ("compressed first")
+  could make a modality compress on the fly, lossy even, to please us.
+- Temp files: pynetdicom creates them with ``tempfile.NamedTemporaryFile`` in the
+  process-wide temp dir. We substitute a factory that, for associations of a
+  running :class:`Receiver`, creates the file in that receiver's ``spool/tmp``
+  (same filesystem, so publishing is a rename) and turns write errors into a
+  recorded failure instead of an exception in pynetdicom's network thread. The
+  receiver tracks those files per association and removes the ones a dropped
+  connection leaves behind; ``Spool.sweep_tmp`` at start and periodically is the
+  safety net for a kill -9.
+- ``[receiver] processes > 1``: the first process binds with SO_REUSEPORT and
+  starts ``processes - 1`` siblings on the same port (the kernel spreads
+  connections); one Python process is GIL-bound near ~100 small instances/s.
+  ``max_associations`` is per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+from types import FrameType
+from typing import Any, cast
+
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from hermes_py import log
+from hermes_py.config import Settings, load
+from hermes_py.errors import HermesError
+from hermes_py.spool import DCM, JSON, Spool, new_name, now_iso
+
+LOG = logging.getLogger(__name__)
+
+# C-STORE statuses we answer.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # the modality keeps its copy and retries later
+CANNOT_UNDERSTAND = 0xC211  # a bug in our handler; pynetdicom uses the same code
+
+# A-ASSOCIATE-RJ (result, source, reason) for a calling AE title not on the list.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_TOO_MANY = (0x02, 0x03, 0x02)
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+PROBE_ALLOWANCE = 1000
+STOP_GRACE = 10.0
+SIBLING_MIN_LIFE = 5.0
+SIBLING_RESTART_DELAY = 10.0  # seconds in-flight associations get to finish on SIGTERM
+SWEEP_INTERVAL_MAX = 300.0
+
+
+# ---------------------------------------------------------------- spool temp files
+
+
+class SpoolTempFile:
+    """What pynetdicom writes a C-STORE data set into, instead of a NamedTemporaryFile.
+
+    pynetdicom calls ``write``, ``file.flush``, ``close`` and reads ``name``, all on
+    the association's network (DUL) thread. A write error must not escape there:
+    it would kill the DUL thread and the peer would get an abort instead of a
+    status it understands. So the first OSError is recorded, the partial file is
+    removed at once (freeing the space), later writes are dropped, and the C-STORE
+    handler answers 0xA700 when it sees ``error``.
+
+    ``claim``/``discard`` decide, under a lock, who owns the file: the handler
+    (which publishes it) or the connection-closed cleanup (which deletes it).
+    """
+
+    def __init__(self, directory: Path):
+        self.path = directory / f"{os.getpid()}.recv.{os.urandom(8).hex()}{DCM}"
+        self.name = str(self.path)
+        self.file = self  # pynetdicom calls ``tmp.file.flush()``
+        self.error: OSError | None = None
+        self.written = 0
+        self._lock = threading.Lock()
+        self._state = "open"  # open -> claimed | discarded
+        self._f: Any = None
+        try:
+            self._f = open(self.path, "xb")  # noqa: SIM115 - lives across pynetdicom calls
+        except OSError as e:
+            self.error = e
+
+    def write(self, data: bytes) -> int:
+        if self.error is None and self._f is not None:
+            try:
+                self._f.write(data)
+                self.written += len(data)
+            except OSError as e:
+                self._fail(e)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None and self._f is not None:
+            try:
+                self._f.flush()
+            except OSError as e:
+                self._fail(e)
+
+    def _fail(self, err: OSError) -> None:
+        self.error = err
+        self._close_quietly()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    def _close_quietly(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError as e:  # the buffered tail could not be written
+                if self.error is None:
+                    self.error = e
+
+    def close(self) -> None:
+        """Flush and close our handle; a failure becomes ``error`` like any write error."""
+        self._close_quietly()
+
+    def claim(self) -> bool:
+        """The C-STORE handler takes the file; False if the connection cleanup got it."""
+        with self._lock:
+            if self._state != "open":
+                return False
+            self._state = "claimed"
+            return True
+
+    def discard(self, force: bool = False) -> bool:
+        """Delete the file unless the handler owns it (or ``force``, the handler's own cleanup)."""
+        with self._lock:
+            if self._state == "claimed" and not force:
+                return False
+            self._state = "discarded"
+        self._close_quietly()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        return True
+
+
+# Receivers by their pynetdicom AE, so the temp-file factory knows where a file goes.
+_RECEIVERS: weakref.WeakKeyDictionary[Any, Receiver] = weakref.WeakKeyDictionary()
+_GLOBAL_LOCK = threading.Lock()
+_ACTIVE = 0
+_SAVED: dict[str, Any] = {}
+_ORIGINAL_NTF = dimse_messages.NamedTemporaryFile
+
+
+def _temp_file_factory(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's NamedTemporaryFile, redirected into a receiver's spool/tmp.
+
+    Runs on the DUL thread of the association being received (a
+    ``DULServiceProvider`` with ``.assoc``). Associations of any other AE in the
+    process (a test's SCP, say) get pynetdicom's normal temp file.
+    """
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    receiver = _RECEIVERS.get(getattr(assoc, "ae", None)) if assoc is not None else None
+    if receiver is None:
+        return _ORIGINAL_NTF(*args, **kwargs)
+    return receiver._new_temp_file(assoc)
+
+
+def _enter_process_config() -> None:
+    """pynetdicom's knobs are process-global: set them while a receiver runs, then restore.
+
+    Restoring matters in a test process, where another SCP (tests.peers.ScriptedSCP)
+    reads ``request.DataSet`` and would see it empty under chunked receive.
+    """
+    global _ACTIVE
+    with _GLOBAL_LOCK:
+        if _ACTIVE == 0:
+            _SAVED.update(
+                chunked=_config.STORE_RECV_CHUNKED_DATASET,
+                unrestricted=_config.UNRESTRICTED_STORAGE_SERVICE,
+                log_level=_config.LOG_HANDLER_LEVEL,
+                ntf=dimse_messages.NamedTemporaryFile,
+            )
+            _config.STORE_RECV_CHUNKED_DATASET = True
+            _config.UNRESTRICTED_STORAGE_SERVICE = True
+            _config.LOG_HANDLER_LEVEL = "none"
+            dimse_messages.NamedTemporaryFile = _temp_file_factory
+        _ACTIVE += 1
+
+
+def _leave_process_config() -> None:
+    global _ACTIVE
+    with _GLOBAL_LOCK:
+        _ACTIVE -= 1
+        if _ACTIVE == 0 and _SAVED:
+            _config.STORE_RECV_CHUNKED_DATASET = _SAVED["chunked"]
+            _config.UNRESTRICTED_STORAGE_SERVICE = _SAVED["unrestricted"]
+            _config.LOG_HANDLER_LEVEL = _SAVED["log_level"]
+            dimse_messages.NamedTemporaryFile = _SAVED["ntf"]
+            _SAVED.clear()
+
+
+# ---------------------------------------------------------------- the server
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server, plus SO_REUSEPORT for sibling processes on one port.
+
+    No TCP_NODELAY on accepted sockets: our side only sends one small response
+    PDU per C-STORE, and measured with dcmsend (300 x 8 KB instances, one
+    association, alternating runs) it was never faster and often slower.
+    """
+
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def _uid(value: object) -> str:
+    return str(value or "").rstrip("\0 ").strip()
+
+
+def _status_hex(code: int) -> str:
+    return f"0x{code:04X}"
+
+
+class Receiver:
+    """One receiving process's SCP, runnable in-process (tests) or by :func:`run`.
+
+    ``start()`` sweeps stale temp files, binds and serves in background threads;
+    ``port`` is the bound port (useful with ``port = 0``); ``stop()`` stops
+    accepting, lets running associations finish for up to ``grace`` seconds, then
+    aborts what is left (nothing unanswered was acknowledged, so nothing is lost).
+    """
+
+    def __init__(self, cfg: Settings, reuse_port: bool = False, port: int | None = None):
+        self.cfg = cfg
+        self.settings = cfg.receiver
+        self.spool = Spool(cfg.spool.path)
+        self.reuse_port = reuse_port
+        self._port = self.settings.port if port is None else port
+        self._server: Any = None
+        self._ae: Any = None
+        self._serve_thread: threading.Thread | None = None
+        self._sweeper: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._closing = False
+        self._lock = threading.Lock()
+        self._temp_files: dict[int, set[SpoolTempFile]] = {}
+        self._in_handler = 0
+        self._entered = False
+        self.received = 0
+        self.refused = 0
+        self.identity = f"{os.uname().nodename}:{os.getpid()}"
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self._port
+        return int(self._server.server_address[1])
+
+    def start(self) -> Receiver:
+        self.spool.ensure()
+        self.spool.sweep_tmp(self.cfg.spool.tmp_max_age)
+        rs = self.settings
+        ae = AE(ae_title=rs.ae_title)
+        ae.maximum_pdu_size = rs.max_pdu_size
+        # pynetdicom's own limit counts dead probe connections; ours (EVT_REQUESTED) does not.
+        ae.maximum_associations = rs.max_associations + PROBE_ALLOWANCE
+        ae.acse_timeout = rs.acse_timeout
+        ae.dimse_timeout = rs.dimse_timeout
+        ae.network_timeout = rs.network_timeout
+        # Any called AE title is accepted: rules may route on CalledAE.
+        ae.require_called_aet = False
+        ae.add_supported_context(VERIFICATION)
+        self._ae = ae
+        _enter_process_config()
+        self._entered = True
+        _RECEIVERS[ae] = self
+        server_class = type("_HermesServer", (_Server,), {"reuse_port": self.reuse_port})
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_ABORTED, self._on_conn_close),
+        ]
+        try:
+            server = ae.make_server((rs.bind, self._port), evt_handlers=handlers,
+                                    server_class=server_class)
+        except OSError as e:
+            self._release_process_config()
+            raise HermesError(f"receiver cannot listen on {rs.bind}:{self._port}: "
+                              f"{e.strerror or e}") from None
+        except BaseException:
+            self._release_process_config()
+            raise
+        ae._servers.append(server)  # AssociationServer.shutdown() removes itself from here
+        self._server = server
+        self._serve_thread = threading.Thread(target=server.serve_forever,
+                                              name=f"hermes-receiver:{self.port}", daemon=True)
+        self._serve_thread.start()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="hermes-tmp-sweeper",
+                                         daemon=True)
+        self._sweeper.start()
+        LOG.info("receiver %s listening on %s:%d (pid %d, max PDU %d, max associations %d%s)",
+                 rs.ae_title, rs.bind, self.port, os.getpid(), rs.max_pdu_size,
+                 rs.max_associations, ", SO_REUSEPORT" if self.reuse_port else "")
+        return self
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopped.set()
+        server.shutdown()  # no new associations from here on
+        port = int(server.server_address[1]) if server.server_address else self._port
+        deadline = time.monotonic() + grace
+
+        def busy() -> list[Any]:
+            # Only established associations can have a C-STORE in flight; a bare TCP
+            # connect (a port probe) waits out acse_timeout and needs no grace.
+            return [a for a in server.active_associations if a.is_established]
+
+        while busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = busy()
+        if left:
+            # Refuse what arrives from now on, let a running handler finish, then abort.
+            self._closing = True
+            end = time.monotonic() + 5.0
+            while self._in_handler and time.monotonic() < end:
+                time.sleep(0.02)
+            LOG.warning("receiver stopping: aborting %d association(s) still open after %gs; "
+                        "their unanswered instances stay with the sender", len(left), grace)
+            for assoc in left:
+                with contextlib.suppress(Exception):
+                    assoc.abort()
+        if self._serve_thread is not None:
+            self._serve_thread.join(5)
+        if self._sweeper is not None:
+            self._sweeper.join(5)
+        with self._lock:
+            leftovers = [f for files in self._temp_files.values() for f in files]
+            self._temp_files.clear()
+        for f in leftovers:
+            f.discard()
+        self._release_process_config()
+        LOG.info("receiver on port %d stopped (%d received, %d refused)", port, self.received,
+                 self.refused)
+
+    def _release_process_config(self) -> None:
+        if self._ae is not None:
+            _RECEIVERS.pop(self._ae, None)
+        if self._entered:
+            self._entered = False
+            _leave_process_config()
+
+    def __enter__(self) -> Receiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _sweep_loop(self) -> None:
+        interval = min(max(self.cfg.spool.tmp_max_age / 4, 1.0), SWEEP_INTERVAL_MAX)
+        while not self._stopped.wait(interval):
+            try:
+                self.spool.sweep_tmp(self.cfg.spool.tmp_max_age)
+            except OSError as e:
+                LOG.warning("sweeping %s failed: %s", self.spool.tmp, e)
+
+    # ------------------------------------------------------------ temp files
+
+    def _new_temp_file(self, assoc: Any) -> SpoolTempFile:
+        f = SpoolTempFile(self.spool.tmp)
+        with self._lock:
+            self._temp_files.setdefault(id(assoc), set()).add(f)
+        return f
+
+    def _forget(self, assoc: Any, f: SpoolTempFile) -> None:
+        with self._lock:
+            files = self._temp_files.get(id(assoc))
+            if files is not None:
+                files.discard(f)
+                if not files:
+                    del self._temp_files[id(assoc)]
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        """A dropped connection leaves a partly received instance: delete it now."""
+        with self._lock:
+            files = self._temp_files.pop(id(event.assoc), set())
+        removed = sum(1 for f in files if f.discard())
+        if removed:
+            req = event.assoc.requestor
+            LOG.warning("connection from %s@%s closed in the middle of a C-STORE: removed %d "
+                        "partial instance(s); the sender still has them", req.ae_title,
+                        req.address, removed)
+
+    # ------------------------------------------------------------ events
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq: Any = assoc.requestor.primitive
+        calling = (rq.calling_ae_title or "").strip()
+        allowed = self.settings.allowed_calling_aets
+        reason = None
+        if allowed and calling not in allowed:
+            reason, rsd = "calling AE title not allowed", REJECT_CALLING_AE
+        else:
+            # Count live peers only: after a bare TCP connect (a load balancer's health
+            # check) pynetdicom keeps the association thread for acse_timeout although
+            # its connection is gone, and its own count would reject real modalities.
+            live = [a for a in assoc.ae.active_associations
+                    if a.is_acceptor and a is not assoc and a.dul.is_alive()]
+            if len(live) >= self.settings.max_associations:
+                reason, rsd = (f"too many associations (max_associations "
+                               f"{self.settings.max_associations})"), REJECT_TOO_MANY
+        if reason is not None:
+            log.event(LOG, "rejected", level=logging.WARNING, calling=calling,
+                      peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
+                      reason=reason)
+            assoc.acse.send_reject(*rsd)
+            # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is out,
+            # or the reactor closes the socket first and the peer sees an abort.
+            assoc.kill()
+
+    def _refuse(self, sop: str, reason: str, peer: str, code: int = OUT_OF_RESOURCES) -> int:
+        with self._lock:
+            self.refused += 1
+        fields: dict[str, Any] = {"from": peer}  # "from" is a keyword in Python
+        log.event(LOG, "refused", sop=sop, level=logging.WARNING, status=_status_hex(code),
+                  reason=reason, **fields)
+        return code
+
+    def _on_store(self, event: evt.Event) -> int:
+        """Publish the received temp file durably, then answer; never raise."""
+        with self._lock:
+            self._in_handler += 1
+        try:
+            return self._store(event)
+        finally:
+            with self._lock:
+                self._in_handler -= 1
+
+    def _store(self, event: evt.Event) -> int:
+        req: Any = event.request
+        assoc = event.assoc
+        sop = _uid(req.AffectedSOPInstanceUID)
+        sop_class = _uid(req.AffectedSOPClassUID)
+        ts = _uid(event.context.transfer_syntax)
+        calling = (assoc.requestor.ae_title or "").strip()
+        # The title the sender called us by (rules may route on it), not our own.
+        rq: Any = assoc.requestor.primitive
+        called = (rq.called_ae_title or "").strip()
+        peer = f"{calling}@{assoc.requestor.address}"
+        tmp = getattr(req, "_dataset_file", None)
+        published: Path | None = None
+        name = ""
+        try:
+            if not isinstance(tmp, SpoolTempFile):
+                # Not created by our factory (should not happen): bring it into the spool.
+                tmp = self._adopt_foreign_temp(req)
+            else:
+                self._forget(assoc, tmp)
+                if not tmp.claim():
+                    return self._refuse(sop, "connection closed before the instance was "
+                                             "stored", peer)
+            if tmp.error is not None:
+                return self._write_failed(sop, tmp.error, peer)
+            tmp.close()
+            if tmp.error is not None:
+                return self._write_failed(sop, tmp.error, peer)
+            if self._closing:
+                return self._refuse(sop, "receiver shutting down", peer)
+            free = self.spool.free_mb()
+            if free < self.cfg.spool.min_free_mb:
+                return self._refuse(
+                    sop, f"spool free space {free:.0f} MB is below min_free_mb "
+                         f"{self.cfg.spool.min_free_mb} MB", peer)
+            size = os.stat(tmp.path).st_size
+            name = new_name(sop)
+            sidecar = {
+                "name": name,
+                "sop_instance_uid": sop,
+                "sop_class_uid": sop_class,
+                "transfer_syntax": ts,
+                "source": "network",
+                "received_at": now_iso(),
+                "calling_ae": calling,
+                "called_ae": called,
+                "peer_address": assoc.requestor.address,
+                "peer_port": assoc.requestor.port,
+                "size": size,
+                "received_by": self.identity,
+            }
+            published = self.spool.publish(tmp.path, self.spool.incoming, name, sidecar)
+            with self._lock:
+                self.received += 1
+            fields: dict[str, Any] = {"from": peer}
+            log.event(LOG, "received", sop=sop, name=name, ts=ts, size=size, **fields)
+            return SUCCESS
+        except OSError as e:
+            self._unpublish(name, published)
+            return self._write_failed(sop, e, peer)
+        except Exception as e:  # a bug must cost one instance's answer, never the server
+            self._unpublish(name, published)
+            LOG.exception("C-STORE handler failed for sop=%s from=%s", sop, peer)
+            return self._refuse(sop, f"internal error: {type(e).__name__}: {e}", peer,
+                                CANNOT_UNDERSTAND)
+        finally:
+            if published is None and isinstance(tmp, SpoolTempFile):
+                tmp.discard(force=True)
+
+    def _write_failed(self, sop: str, err: OSError, peer: str) -> int:
+        what = {errno.ENOSPC: "spool disk full", errno.EDQUOT: "spool quota exceeded",
+                errno.EIO: "spool I/O error", errno.EACCES: "spool permission denied",
+                errno.EPERM: "spool permission denied", errno.EROFS: "spool read-only"}
+        reason = f"{what.get(err.errno or 0, 'spool write error')}: {err.strerror or err}"
+        if err.filename:
+            reason += f" ({err.filename})"
+        return self._refuse(sop, reason, peer)
+
+    def _unpublish(self, name: str, published: Path | None) -> None:
+        """A failure after the sidecar/rename: we answer a refusal, so remove what we made."""
+        if not name:
+            return
+        for p in (self.spool.incoming / (name + DCM), self.spool.incoming / (name + JSON)):
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+
+    def _adopt_foreign_temp(self, req: Any) -> SpoolTempFile:
+        src = Path(req._dataset_path)
+        f = SpoolTempFile(self.spool.tmp)
+        f.claim()
+        if f.error is None:
+            try:
+                with open(src, "rb") as fi:
+                    while chunk := fi.read(1 << 20):
+                        f.write(chunk)
+            except OSError as e:
+                f._fail(e)
+        return f
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _install_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _log_options() -> tuple[str, str]:
+    root = logging.getLogger()
+    level = logging.getLevelName(root.level) if root.level else "INFO"
+    fmt = "json" if any(type(h.formatter).__name__ == "_JsonFormatter"
+                        for h in root.handlers) else "text"
+    return str(level), fmt
+
+
+def _spawn_sibling(cfg: Settings, port: int, index: int) -> subprocess.Popen[bytes]:
+    level, fmt = _log_options()
+    code = ("import sys; from hermes_py import receiver; "
+            "sys.exit(receiver.sibling_main(sys.argv[1:]))")
+    return subprocess.Popen([sys.executable, "-c", code, str(cfg.path), str(port), str(index),
+                             level, fmt, str(os.getpid())])
+
+
+def run(cfg: Settings) -> int:
+    """``hermes-py receive``: serve until SIGTERM/SIGINT, then stop cleanly and return 0."""
+    stop = threading.Event()
+    _install_signals(stop)
+    n = cfg.receiver.processes
+    receiver = Receiver(cfg, reuse_port=n > 1).start()
+    siblings: dict[int, subprocess.Popen[bytes]] = {}
+    started: dict[int, float] = {}
+    restart_at: dict[int, float] = {}
+
+    def spawn(i: int) -> None:
+        siblings[i] = _spawn_sibling(cfg, receiver.port, i)
+        started[i] = time.monotonic()
+
+    try:
+        for i in range(1, n):
+            spawn(i)
+        while not stop.wait(1.0):
+            now = time.monotonic()
+            for i, p in list(siblings.items()):
+                if p.poll() is None:
+                    continue
+                if i not in restart_at:
+                    # one that dies at once (bad config, port taken) is retried slowly
+                    quick = now - started[i] < SIBLING_MIN_LIFE
+                    restart_at[i] = now + (SIBLING_RESTART_DELAY if quick else 0.0)
+                    LOG.warning("receiver sibling %d (pid %d) exited with %s; restarting it%s",
+                                i, p.pid, p.returncode,
+                                f" in {SIBLING_RESTART_DELAY:g}s" if quick else "")
+                if now >= restart_at[i]:
+                    del restart_at[i]
+                    spawn(i)
+    finally:
+        for p in siblings.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        receiver.stop()
+        for p in siblings.values():
+            try:
+                p.wait(STOP_GRACE + 10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return 0
+
+
+def sibling_main(argv: list[str]) -> int:
+    """A SO_REUSEPORT sibling started by :func:`run`; exits with its parent."""
+    path, port, index, level, fmt, parent_pid = argv
+    log.setup(level, fmt, process=f"receive:{index}")
+    cfg = load(path)
+    stop = threading.Event()
+    _install_signals(stop)
+    # The pid from the command line, not getppid() now: the parent may already be gone.
+    parent = int(parent_pid)
+    if os.getppid() != parent:
+        return 0
+    receiver = Receiver(cfg, reuse_port=True, port=int(port)).start()
+    try:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:  # the parent died (kill -9): do not linger
+                LOG.warning("receiver sibling %s: parent process gone, stopping", index)
+                break
+    finally:
+        receiver.stop()
+    return 0

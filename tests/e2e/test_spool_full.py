@@ -1,0 +1,144 @@
+"""Scenario 4: the spool fills up during a receive.
+
+On a real small filesystem (a tmpfs, where the machine lets us mount one) the receiver
+hits ENOSPC for real; elsewhere ``min_free_mb`` above the free space stands in. Either
+way: the modality is refused with 0xA700 for what was not stored (so it keeps its copy),
+nothing it was answered Success for is lost or visible half-written, and receiving
+resumes once space is free.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.e2e.harness import (
+    Dest,
+    Hermes,
+    assert_delivered,
+    difference,
+    make_corpus,
+    scp_arrivals,
+    sent_index,
+    wait_delivered,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.network]
+
+FS_MB = 10
+FILLER_MB = 6
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 10 MB tmpfs, unmounted afterwards; skipped (with the reason) where we cannot mount."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs for the spool needs root "
+                    "(test_min_free_mb_refuses_then_resumes covers the refusal)")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_MB}m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); "
+                    "test_min_free_mb_refuses_then_resumes covers the refusal")
+    try:
+        yield mnt
+    finally:
+        for _ in range(50):
+            if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)  # a killed child may still hold a file open for a moment
+        else:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def spool_instances(h: Hermes) -> list[Path]:
+    """Every instance a stage can see (tmp/ excluded: it is nobody's until renamed)."""
+    s = h.spool
+    out = []
+    for folder in (s.incoming, s.pending, s.outgoing, s.active):
+        if folder.is_dir():
+            out += folder.rglob("*.dcm")
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_spool_fills_on_a_small_filesystem(tmp_path: Path, small_fs: Path, hermes, scp) -> None:
+    dest = Dest("pacs")
+    h = hermes([dest], spool_dir=small_fs / "spool")
+    filler = small_fs / "filler.bin"
+    with open(filler, "wb") as f:
+        for _ in range(FILLER_MB):
+            f.write(b"\xa5" * (1024 * 1024))
+    # ~33 KB each, ~6.6 MB with sidecars: more than the ~4 MB left, less than the 10 MB.
+    files = make_corpus(tmp_path / "corpus", 150, rows=128, cols=128)
+    sent = sent_index(files)
+    by_uid = dict(zip(sent, files, strict=True))
+    h.start()
+
+    res = h.send(files)
+    acked = res.acked
+    refused = set(sent) - acked
+    assert acked, f"nothing was stored on a filesystem with ~4 MB free: {res.describe()}"
+    assert refused, f"the filesystem never filled (test sizing is wrong): {res.describe()}"
+    assert res.with_status(0xA700) == refused, (
+        f"what was not stored must be answered 0xA700 (Out of Resources): {res.describe()}")
+
+    # Nothing acknowledged lost, nothing visible half-written.
+    visible = spool_instances(h)
+    seen: set[str] = set()
+    for p in visible:
+        ds = dcmread(p)
+        uid = str(ds.SOPInstanceUID)
+        assert uid in acked, f"{p} holds {uid}, which the modality was refused for"
+        why = difference(sent[uid], ds)
+        assert why is None, f"{p} is not what was sent: {why}"
+        seen.add(uid)
+    assert acked <= seen, f"acknowledged but not in the spool: {sorted(acked - seen)[:3]}"
+
+    # Space comes back: the modality's retry of the refused ones is accepted.
+    filler.unlink()
+    res2 = h.send([by_uid[u] for u in sorted(refused)])
+    assert res2.acked == refused, f"receiving did not resume after space was freed: " \
+                                  f"{res2.describe()}"
+
+    peer = scp(dest)
+    wait_delivered(lambda: peer.uids, set(sent), what="everything once the destination is up",
+                   hermes=h)
+    assert_delivered(sent, scp_arrivals(peer), where="pacs")
+    assert not h.all_errors(), f"a full disk is no reason for error/: {h.all_errors()[:3]}"
+    h.stop()
+
+
+@pytest.mark.timeout(240)
+def test_min_free_mb_refuses_then_resumes(tmp_path: Path, hermes, scp) -> None:
+    dest = Dest("pacs")
+    h = hermes([dest], spool={"min_free_mb": 10**9})  # a petabyte: never available
+    peer = scp(dest)
+    files = make_corpus(tmp_path / "corpus", 20)
+    sent = sent_index(files)
+    h.start()
+
+    res = h.send(files)
+    assert res.with_status(0xA700) == set(sent), (
+        f"below min_free_mb every C-STORE must be refused with 0xA700: {res.describe()}")
+    assert not spool_instances(h), f"refused instances in the spool: {h.spool_listing()}"
+    h.stop()
+    assert peer.count() == 0
+
+    h.spool_opts["min_free_mb"] = 0
+    h.write_config()
+    h.start()
+    res = h.send(files)
+    assert res.acked == set(sent), res.describe()
+    wait_delivered(lambda: peer.uids, set(sent), what="delivery once space is available",
+                   hermes=h)
+    assert_delivered(sent, scp_arrivals(peer), where="pacs")
+    h.stop()

@@ -1,0 +1,510 @@
+"""The router on a real spool: fan-out by hard links, discard, error/, series holds,
+hot reload, standby, and crashes (fault injection and kill -9) that must not lose or
+double an instance.
+
+Incoming instances are made the way the receiver makes them: tests.dicomgen files
+handed over with Spool.publish and a receiver-style sidecar. The router runs in a
+thread (Router.run / stop) or as the installed ``hermes-py route``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from hermes_py import router
+from hermes_py.config import Settings, load
+from hermes_py.spool import URGENT, Spool, new_name, now_iso
+from tests.dicomgen import dataset_bytes, make_instance, save
+from tests.peers import wait_for
+
+HERMES = Path(sys.executable).parent / "hermes-py"
+
+DESTS = """\
+[spool]
+path = "spool"
+min_free_mb = 0
+
+[intake]
+enabled = false
+
+[destinations.a]
+ae_title = "A"
+host = "127.0.0.1"
+port = 1
+
+[destinations.b]
+ae_title = "B"
+host = "127.0.0.1"
+port = 2
+
+[destinations.c]
+ae_title = "C"
+host = "127.0.0.1"
+port = 3
+"""
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class Env:
+    """A rules.toml, its spool, and a way to put instances into incoming/."""
+
+    def __init__(self, root: Path, rules: str, head: str = DESTS):
+        self.root = root
+        self.path = root / "rules.toml"
+        self.head = head
+        self.write(rules)
+        self.cfg: Settings = load(self.path)
+        self.spool = Spool(self.cfg.spool.path)
+        self.spool.ensure(list(self.cfg.destinations))
+
+    def write(self, rules: str) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(self.head + rules)
+        os.replace(tmp, self.path)  # as an editor saving atomically would
+
+    def publish(self, ds: Dataset, fsync: bool = True, **facts: Any) -> str:
+        name = new_name(ds.SOPInstanceUID)
+        tmp = save(ds, self.spool.tmp_path(".dcm"))
+        sidecar = {"name": name, "sop_instance_uid": ds.SOPInstanceUID,
+                   "sop_class_uid": ds.SOPClassUID,
+                   "transfer_syntax": ds.file_meta.TransferSyntaxUID, "source": "network",
+                   "received_at": now_iso(), "calling_ae": "CT1", "called_ae": "HERMES",
+                   "peer_address": "127.0.0.1", "peer_port": 40000,
+                   "size": tmp.stat().st_size}
+        sidecar.update(facts)
+        self.spool.publish(tmp, self.spool.incoming, name, sidecar, fsync_data=fsync)
+        return name
+
+    def names(self, folder: Path) -> set[str]:
+        return {e.name[:-4] for e in self.spool.scan(folder)}
+
+    def incoming_empty(self) -> bool:
+        return not any(os.scandir(self.spool.incoming))
+
+    def sidecar(self, folder: Path, name: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((folder / f"{name}.json").read_text())
+        return data
+
+
+@contextlib.contextmanager
+def running(cfg: Settings) -> Iterator[router.Router]:
+    r = router.Router(cfg)
+    result: list[int] = []
+    th = threading.Thread(target=lambda: result.append(r.run()), name="router", daemon=True)
+    th.start()
+    try:
+        wait_for(lambda: r.active.is_set() or not th.is_alive(), what="router to start")
+        assert th.is_alive(), "router thread died"
+        yield r
+    finally:
+        r.stop()
+        th.join(60)
+    assert not th.is_alive(), "router did not stop"
+    assert result == [0]
+
+
+def start_route(env: Env, log: Path, extra_env: dict[str, str] | None = None
+                ) -> subprocess.Popen[bytes]:
+    e = dict(os.environ)
+    e.update(extra_env or {})
+    with open(log, "ab") as f:
+        return subprocess.Popen([str(HERMES), "route", "-c", str(env.path)], stdout=f,
+                                stderr=subprocess.STDOUT, env=e)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+# ---------------------------------------------------------------- fan-out, discard, error
+
+
+def test_fan_out_two_destinations_one_inode(tmp_path: Path) -> None:
+    env = Env(tmp_path, """
+[[rules]]
+name = "CT to a and b"
+match = { Modality = "CT" }
+to = ["a", "b"]
+
+[[rules]]
+name = "CT1 to b too"
+match = { CallingAE = "CT1" }
+to = ["b"]
+""")
+    series = generate_uid()
+    sources = {}
+    for i in range(3):
+        ds = make_instance(32, 32, series_uid=series, instance_number=i + 1)
+        name = env.publish(ds)
+        sources[name] = ds
+    us = env.publish(make_instance(16, 16, modality="US"), calling_ae="US1")
+    with running(env.cfg):
+        wait_for(env.incoming_empty, what="incoming/ to drain")
+    sp = env.spool
+    for name, ds in sources.items():
+        a, b = sp.outbox("a") / f"{name}.dcm", sp.outbox("b") / f"{name}.dcm"
+        assert a.stat().st_ino == b.stat().st_ino  # one inode ...
+        assert a.stat().st_nlink == 2  # ... two links, no incoming copy left
+        with open(a, "rb") as f:
+            assert b"DICM" in f.read(132)
+        for dest, path in (("a", a), ("b", b)):
+            sc = env.sidecar(path.parent, name)
+            assert sc["destination"] == dest and sc["priority"] == "normal"
+            assert sc["attempts"] == 0 and sc["queued_at"]
+            assert sc["routing"]["rules"] == ["CT to a and b", "CT1 to b too"]
+            assert sc["routing"]["destinations"] == ["a", "b"]
+            assert sc["series_instance_uid"] == series
+            assert sc["calling_ae"] == "CT1" and sc["sop_instance_uid"] == ds.SOPInstanceUID
+    # the bytes are the ones received
+    some = next(iter(sources))
+    tmp_copy = save(sources[some], tmp_path / "orig.dcm")
+    assert dataset_bytes(sp.outbox("a") / f"{some}.dcm") == dataset_bytes(tmp_copy)
+    # no rule matched: discard/, with the reason beside it
+    assert env.names(sp.discard) == {us}
+    sc = env.sidecar(sp.discard, us)
+    assert sc["discard"]["reason"] == "no rule matched" and sc["discard"]["rule"] is None
+    assert sc["routing"]["destinations"] == []
+    assert (sp.discard / f"{us}.dcm").stat().st_nlink == 1
+    assert env.names(sp.outbox("c")) == set()
+
+
+def test_urgent_priority_and_discard_rule(tmp_path: Path) -> None:
+    env = Env(tmp_path, """
+[[rules]]
+name = "stat CT"
+match = { Modality = "CT", StudyDescription = { regex = "stat", ignore_case = true } }
+to = ["a"]
+priority = "urgent"
+
+[[rules]]
+name = "all CT"
+match = { Modality = "CT" }
+to = ["a", "b"]
+
+[[rules]]
+name = "test patients"
+match = { PatientID = "TEST*" }
+action = "discard"
+""")
+    stat = env.publish(make_instance(16, 16, study_description="CT HEAD STAT"))
+    test = env.publish(make_instance(16, 16, patient_id="TEST42"))
+    with running(env.cfg):
+        wait_for(env.incoming_empty, what="incoming/ to drain")
+    sp = env.spool
+    assert env.names(sp.outbox("a", URGENT)) == {stat}
+    assert env.names(sp.outbox("a")) == set()
+    assert env.names(sp.outbox("b")) == {stat}
+    assert env.sidecar(sp.outbox("a", URGENT), stat)["priority"] == "urgent"
+    assert env.sidecar(sp.outbox("b"), stat)["priority"] == "normal"
+    assert env.names(sp.discard) == {test}
+    d = env.sidecar(sp.discard, test)["discard"]
+    assert d["rule"] == "test patients" and "test patients" in d["reason"]
+
+
+def test_unreadable_goes_to_error_and_never_blocks(tmp_path: Path) -> None:
+    env = Env(tmp_path, '[[rules]]\nname = "all"\nto = ["a"]\n')
+    sp = env.spool
+    # truncated copy (cut inside the pixel data) and plain garbage, published like instances
+    whole = save(make_instance(64, 64), tmp_path / "whole.dcm").read_bytes()
+    bad = []
+    for data in (whole[:-500], b"garbage" * 100):
+        tmp = sp.tmp_path(".dcm")
+        tmp.write_bytes(data)
+        name = new_name("1.2.3.999")
+        sp.publish(tmp, sp.incoming, name, {"name": name, "source": "network",
+                                            "calling_ae": "X"})
+        bad.append(name)
+    good = [env.publish(make_instance(16, 16)) for _ in range(3)]
+    with running(env.cfg):
+        wait_for(env.incoming_empty, what="incoming/ to drain")
+    assert env.names(sp.outbox("a")) == set(good)
+    assert env.names(sp.error) == set(bad)
+    e0 = env.sidecar(sp.error, bad[0])["error"]
+    assert e0["stage"] == "route" and e0["reason"].startswith("truncated: Pixel Data needs")
+    e1 = env.sidecar(sp.error, bad[1])
+    assert "not a DICOM Part-10 file" in e1["error"]["reason"]
+    assert e1["calling_ae"] == "X"  # the receive facts stay with it
+
+
+# ---------------------------------------------------------------- series / study holds
+
+
+SERIES_RULES = """
+[[rules]]
+name = "CT now"
+match = { Modality = "CT" }
+to = ["a"]
+
+[[rules]]
+name = "whole series"
+match = { Modality = "CT" }
+to = ["b"]
+level = "series"
+quiet_for = "{quiet}"
+"""
+
+
+def test_series_hold_release_and_late_instance(tmp_path: Path) -> None:
+    env = Env(tmp_path, SERIES_RULES.replace("{quiet}", "500ms"))
+    sp = env.spool
+    series = generate_uid()
+    first = {env.publish(make_instance(16, 16, series_uid=series, instance_number=i))
+             for i in range(5)}
+    other = env.publish(make_instance(16, 16))  # another series: its own batch
+    with running(env.cfg):
+        wait_for(lambda: env.names(sp.outbox("b")) >= first | {other},
+                 what="the series to be released to b")
+        assert env.names(sp.outbox("a")) >= first | {other}  # instance rule: at once
+        batches = {env.sidecar(sp.outbox("b"), n)["hold"]["batch"] for n in first}
+        assert len(batches) == 1  # released together, as one batch
+        (batch,) = batches
+        assert batch.startswith(f"series_{series}_whole_series-")
+        assert env.sidecar(sp.outbox("b"), other)["hold"]["batch"] != batch
+        # a late instance of the released series starts a new batch; never dropped
+        late = env.publish(make_instance(16, 16, series_uid=series, instance_number=99))
+        wait_for(lambda: late in env.names(sp.outbox("b")), what="the late instance")
+        hold = env.sidecar(sp.outbox("b"), late)["hold"]
+        assert hold["batch"] != batch and hold["key"] == batch.split("@")[0]
+        assert hold["released_at"] >= hold["held_at"]
+        wait_for(lambda: not any(os.scandir(sp.pending)), what="pending/ to be empty")
+    for n in first | {late, other}:
+        assert (sp.outbox("a") / f"{n}.dcm").stat().st_nlink == 2
+
+
+def test_held_batch_survives_restart(tmp_path: Path) -> None:
+    env = Env(tmp_path, SERIES_RULES.replace("{quiet}", "1h"))
+    sp = env.spool
+    series = generate_uid()
+    names = {env.publish(make_instance(16, 16, series_uid=series, instance_number=i))
+             for i in range(3)}
+    with running(env.cfg):
+        wait_for(env.incoming_empty, what="incoming/ to drain")
+    (batch,) = list(sp.pending.iterdir())
+    assert env.names(batch) == names and env.names(sp.outbox("b")) == set()
+    assert env.names(sp.outbox("a")) == names
+    held = env.sidecar(batch, next(iter(names)))["hold"]
+    assert held["quiet_for"] == 3600 and held["destinations"] == ["b"]
+
+    # restart: the batch is still held (and joined by a new instance of the series)
+    with running(env.cfg):
+        late = env.publish(make_instance(16, 16, series_uid=series, instance_number=7))
+        wait_for(lambda: late in env.names(batch), what="the new instance to join the batch")
+    assert env.names(sp.outbox("b")) == set()
+
+    # make the batch look quiet for 2 h (its folder's mtime is its last arrival): a restart
+    # releases it at once, all four together
+    old = time.time() - 7200
+    os.utime(batch, (old, old))
+    with running(env.cfg):
+        wait_for(lambda: env.names(sp.outbox("b")) == names | {late}, what="release")
+        wait_for(lambda: not any(os.scandir(sp.pending)), what="pending/ to be empty")
+    released = {env.sidecar(sp.outbox("b"), n)["hold"]["batch"] for n in names | {late}}
+    assert len(released) == 1
+
+
+# ---------------------------------------------------------------- hot reload
+
+
+def test_hot_reload_valid_and_invalid(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="hermes_py")
+    to_a = '[[rules]]\nname = "r"\nmatch = { Modality = "CT" }\nto = ["a"]\n'
+    env = Env(tmp_path, to_a)
+    sp = env.spool
+    with running(env.cfg) as r:
+        n1 = env.publish(make_instance(16, 16))
+        wait_for(lambda: n1 in env.names(sp.outbox("a")), what="routing to a")
+
+        env.write(to_a.replace('to = ["a"]', 'to = ["b"]'))
+        wait_for(lambda: r.rules[0].to == ("b",), what="the valid edit to be loaded")
+        n2 = env.publish(make_instance(16, 16))
+        wait_for(lambda: n2 in env.names(sp.outbox("b")), what="routing to b")
+
+        env.write(to_a.replace("Modality", "Modalty"))  # invalid
+        wait_for(lambda: any("rules not reloaded" in m for m in caplog.messages),
+                 what="the invalid edit to be refused")
+        msg = next(m for m in caplog.messages if "rules not reloaded" in m)
+        assert f"{env.path.resolve()}:" in msg and "rules[0].match.Modalty" in msg
+        n3 = env.publish(make_instance(16, 16))
+        wait_for(lambda: n3 in env.names(sp.outbox("b")), what="old rules still routing")
+        assert r.rules[0].to == ("b",)
+    assert env.names(sp.outbox("a")) == {n1}
+
+
+def test_route_process_sighup_standby_sigterm(tmp_path: Path,
+                                              procs: list[subprocess.Popen[bytes]]) -> None:
+    to_a = '[[rules]]\nname = "r"\nmatch = { Modality = "CT" }\nto = ["a"]\n'
+    env = Env(tmp_path, to_a)
+    sp = env.spool
+    log1, log2 = tmp_path / "r1.log", tmp_path / "r2.log"
+    p1 = start_route(env, log1)
+    procs.append(p1)
+    wait_for(lambda: "router active" in log1.read_text(), timeout=60, what="router 1 active")
+    p2 = start_route(env, log2)
+    procs.append(p2)
+    wait_for(lambda: "waiting as standby" in log2.read_text(), timeout=60,
+             what="router 2 on standby")
+
+    # SIGHUP reloads. The edit keeps inode, size and mtime, so the stat check cannot
+    # see it: only the signal can make router 1 route to c.
+    st = env.path.stat()
+    env.path.write_text(env.head + to_a.replace('to = ["a"]', 'to = ["c"]'))
+    os.utime(env.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (env.path.stat().st_ino, env.path.stat().st_size) == (st.st_ino, st.st_size)
+    p1.send_signal(signal.SIGHUP)
+    wait_for(lambda: "(SIGHUP)" in log1.read_text(), timeout=60, what="reload on SIGHUP")
+    n1 = env.publish(make_instance(16, 16))
+    wait_for(lambda: n1 in env.names(sp.outbox("c")), timeout=60, what="routing to c")
+
+    assert stop(p1) == 0
+    wait_for(lambda: "now active" in log2.read_text(), timeout=60, what="standby takes over")
+    n2 = env.publish(make_instance(16, 16))
+    wait_for(lambda: n2 in env.names(sp.outbox("c")), timeout=60, what="router 2 routing")
+    assert stop(p2) == 0
+    assert "router stopped" in log2.read_text()
+
+
+# ---------------------------------------------------------------- crashes
+
+CRASH_RULES = """
+[[rules]]
+name = "CT to a and b"
+match = { Modality = "CT" }
+to = ["a", "b"]
+
+[[rules]]
+name = "whole series to c"
+match = { Modality = "CT" }
+to = ["c"]
+level = "series"
+quiet_for = "300ms"
+"""
+
+
+def _publish_many(env: Env, n: int, series: int = 4) -> set[str]:
+    uids = [generate_uid() for _ in range(series)]
+    return {env.publish(make_instance(8, 8, series_uid=uids[i % series], instance_number=i),
+                        fsync=False) for i in range(n)}
+
+
+def _settled(env: Env) -> bool:
+    return env.incoming_empty() and not any(os.scandir(env.spool.pending))
+
+
+def _assert_exactly_once(env: Env, names: set[str]) -> None:
+    sp = env.spool
+    assert env.incoming_empty(), sorted(os.listdir(sp.incoming))[:5]
+    assert not any(os.scandir(sp.pending)), os.listdir(sp.pending)
+    for dest in ("a", "b", "c"):
+        folder = sp.outbox(dest)
+        assert env.names(folder) == names, dest
+        assert env.names(sp.outbox(dest, URGENT)) == set()
+        jsons = {p.name[:-5] for p in folder.glob("*.json")}
+        assert jsons == names, f"{dest}: sidecars without instance or missing"
+    for n in names:
+        inode = {(sp.outbox(d) / f"{n}.dcm").stat().st_ino for d in ("a", "b", "c")}
+        assert len(inode) == 1
+        # three links and no fourth: nothing left in incoming/, pending/, or elsewhere
+        assert (sp.outbox("a") / f"{n}.dcm").stat().st_nlink == 3
+        sc = env.sidecar(sp.outbox("c"), n)
+        assert sc["destination"] == "c" and sc["attempts"] == 0
+    assert env.names(sp.error) == set() and env.names(sp.discard) == set()
+
+
+def test_crash_between_links_fault_injection(tmp_path: Path,
+                                             procs: list[subprocess.Popen[bytes]]) -> None:
+    """Exit abruptly after every 37th link (mid fan-out, mid hold, mid release), restart."""
+    env = Env(tmp_path, CRASH_RULES)
+    names = _publish_many(env, 200)
+    log = tmp_path / "route.log"
+    crashes = 0
+    for _ in range(60):
+        p = start_route(env, log, {router.CRASH_ENV: "37"})
+        procs.append(p)
+        wait_for(lambda p=p: p.poll() is not None or _settled(env), timeout=120,
+                 what="a crash or the end")
+        if p.poll() is None:
+            assert stop(p) == 0
+            break
+        assert p.returncode == 70, log.read_text()[-2000:]
+        crashes += 1
+    else:
+        pytest.fail("the router never finished")
+    assert crashes >= 10  # 600 links / 37: it really crashed all along the way
+    assert "fault injection" in log.read_text()
+    _assert_exactly_once(env, names)
+
+
+def test_kill_9_while_routing(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    env = Env(tmp_path, CRASH_RULES)
+    names = _publish_many(env, 300)
+    log = tmp_path / "route.log"
+    sp = env.spool
+    for target in (40, 120, 200):
+        p = start_route(env, log)
+        procs.append(p)
+        wait_for(lambda t=target: len(env.names(sp.outbox("a"))) >= t, timeout=120,
+                 what=f"{target} instances routed")
+        p.kill()  # SIGKILL: no cleanup at all
+        p.wait()
+        assert p.returncode == -signal.SIGKILL
+    p = start_route(env, log)
+    procs.append(p)
+    wait_for(lambda: _settled(env) and len(env.names(sp.outbox("c"))) == len(names),
+             timeout=120, what="the restarted router to finish")
+    assert stop(p) == 0
+    _assert_exactly_once(env, names)
+
+
+# ---------------------------------------------------------------- drop-folder intake
+
+
+def test_intake_runs_inside_the_router(tmp_path: Path) -> None:
+    pytest.importorskip("hermes_py.intake")
+    head = DESTS.replace("[intake]\nenabled = false",
+                         '[intake]\nenabled = true\nstable_for = "200ms"\nrescan_interval = "1s"')
+    env = Env(tmp_path, '[[rules]]\nname = "dropped"\nmatch = { Source = "drop" }\nto = ["a"]\n',
+              head=head)
+    ds = make_instance(16, 16)
+    with running(env.cfg):
+        staged = save(ds, tmp_path / "staged.dcm")
+        (env.spool.drop / "study1").mkdir(parents=True, exist_ok=True)
+        os.replace(staged, env.spool.drop / "study1" / "IM0001")
+        wait_for(lambda: env.names(env.spool.outbox("a")), timeout=60,
+                 what="the dropped file to be routed")
+    (name,) = env.names(env.spool.outbox("a"))
+    sc = env.sidecar(env.spool.outbox("a"), name)
+    assert sc["source"] == "drop" and sc["sop_instance_uid"] == ds.SOPInstanceUID

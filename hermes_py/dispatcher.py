@@ -84,7 +84,7 @@ def parse_iso(value: object) -> float | None:
 
 
 def fmt_duration(seconds: float) -> str:
-    """``250ms``, ``45s``, ``90s``, ``30m``, ``36h``, ``3d``: as a person would write it in rules.toml."""
+    """``250ms``, ``45s``, ``90s``, ``30m``, ``36h``, ``3d``: as one writes it in rules.toml."""
     if seconds < 1:
         return f"{seconds * 1000:.0f}ms"
     for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
@@ -130,6 +130,10 @@ class DestinationState:
         self._written: str | None = None
         self._written_at = 0.0
         self.refresh(force=True)
+        # A (re)started dispatcher probes at once instead of sitting out a backoff a
+        # previous process chose: after an admin fixed an AE title and restarted, the
+        # queue should move now, not in max_delay.
+        self.backoff_until = None
 
     # what the admin reads; docs/internals.md has this exact shape
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -154,11 +158,18 @@ class DestinationState:
         self._written_at = now
 
     def refresh(self, force: bool = False) -> None:
-        """Adopt the state file if another process wrote it after us."""
-        data = self.spool.read_json(self.path)
-        if not data or (not force and data.get("updated_at") == self._written):
-            return
+        """Adopt the state file if another process wrote it after our last write.
+
+        Read and compared under the lock, so a worker's write cannot slip in
+        between and be overwritten by an older file's content.
+        """
         with self.lock:
+            data = self.spool.read_json(self.path)
+            stamp = data.get("updated_at")
+            if not data or not isinstance(stamp, str):
+                return
+            if not force and self._written is not None and stamp <= self._written:
+                return  # ours, or older than ours (ISO-8601 UTC strings sort by time)
             st = data.get("state")
             if st in (STATE_OK, STATE_BACKOFF, STATE_MISCONFIGURED):
                 self.state = st
@@ -172,8 +183,7 @@ class DestinationState:
             self.last_success = ls if isinstance(ls, str) else None
             if self.state != STATE_OK:
                 self.failed_at = parse_iso((self.last_error or {}).get("at")) or time.time()
-            self._written = data.get("updated_at") if isinstance(data.get("updated_at"),
-                                                                  str) else None
+            self._written = stamp
 
     def begin(self, now: float) -> tuple[float, bool]:
         """(seconds to wait, is_probe). One probe at a time while in backoff."""
@@ -533,6 +543,7 @@ class Dispatcher:
                                         lambda: should_stop() or self.held())
             unanswered = [i for i in items if i.path not in answered]
             if failure is not None:
+                self.picker.invalidate()  # what goes back is the oldest: pick it first next
                 delay = self.state.failure(failure, time.time(), self.queued() + len(unanswered))
                 for item in unanswered:
                     self._defer(slot, item, failure, delay)

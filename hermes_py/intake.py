@@ -479,6 +479,11 @@ def build_part10(src: Path, info: Inspection, dst: Path) -> int:
 # ---------------------------------------------------------------- the intake
 
 
+def _printable(s: str) -> str:
+    """A file name as it may appear in a one-line log: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
 def _hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split(os.sep))
 
@@ -742,11 +747,12 @@ class DropIntake:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
-            self._complain(rel, st, f"cannot move {original} into incoming/: {e}; will retry")
+            self._complain(rel, st, f"cannot move {_printable(original)} into incoming/: {e}; "
+                                    "will retry")
             return 0
         self.accepted += 1
         log.event(LOG, "received", sop=info.sop_instance_uid, name=name, source="drop",
-                  path=original, ts=info.transfer_syntax, size=sidecar["size"],
+                  path=_printable(original), ts=info.transfer_syntax, size=sidecar["size"],
                   note=None if info.part10 else "no preamble/file meta: added")
         return 1
 
@@ -758,12 +764,12 @@ class DropIntake:
         except OSError as e:
             with contextlib.suppress(OSError):
                 st = os.lstat(path)
-                self._complain(original, st, f"cannot move {original} to error/: {e}; "
-                                             "will retry")
+                self._complain(original, st, f"cannot move {_printable(original)} to error/: "
+                                             f"{e}; will retry")
             return 0
         self.rejected += 1
         log.event(LOG, "rejected", level=logging.WARNING, name=dst.stem, source="drop",
-                  path=original, reason=reason)
+                  path=_printable(original), reason=reason)
         return 1
 
     def _complain(self, key: str, st: os.stat_result, message: str) -> None:

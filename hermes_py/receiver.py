@@ -28,7 +28,9 @@ Decisions worth knowing:
 - ``[receiver] processes > 1``: the first process binds with SO_REUSEPORT and
   starts ``processes - 1`` siblings on the same port (the kernel spreads
   connections); one Python process is GIL-bound near ~100 small instances/s.
-  ``max_associations`` is per process.
+  ``max_associations`` is per process, and counts live peers only: pynetdicom keeps
+  a thread for acse_timeout after a bare TCP connect (a health check) and would
+  count it. The sidecar's ``received_by`` (host:pid) says which process took it.
 """
 
 from __future__ import annotations
@@ -69,10 +71,10 @@ REJECT_TOO_MANY = (0x02, 0x03, 0x02)
 
 VERIFICATION = "1.2.840.10008.1.1"
 
-PROBE_ALLOWANCE = 1000
-STOP_GRACE = 10.0
-SIBLING_MIN_LIFE = 5.0
-SIBLING_RESTART_DELAY = 10.0  # seconds in-flight associations get to finish on SIGTERM
+PROBE_ALLOWANCE = 1000  # headroom over max_associations for pynetdicom's own (dead-counting) check
+STOP_GRACE = 10.0  # seconds in-flight associations get to finish on SIGTERM
+SIBLING_MIN_LIFE = 5.0  # a sibling that dies sooner is restarted only after the delay below
+SIBLING_RESTART_DELAY = 10.0
 SWEEP_INTERVAL_MAX = 300.0
 
 

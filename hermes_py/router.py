@@ -166,6 +166,7 @@ class Router:
         self._cfg_seen: tuple[int, int, int] | None = None
         self._cfg_changed_at: float | None = None
         self._paused_until = 0.0
+        self._took_over = False
         self._drain_retry_at = 0.0
         self._links = 0
         self._crash_after = int(os.environ.get(CRASH_ENV) or 0)
@@ -244,6 +245,7 @@ class Router:
             if lock.acquire(blocking=False):
                 if standby:
                     LOG.info("router lock %s acquired: this router is now active", lock.path)
+                    self._took_over = True
                 return True
             if not standby:
                 LOG.warning("another router is active on spool %s (%s is locked): waiting as "
@@ -254,9 +256,9 @@ class Router:
         return False
 
     async def _serve(self) -> None:
-        if _stat(self.cfg.path) != self._cfg_stat:
+        if self._took_over:
             # A standby may have waited for hours: take over with today's rules.
-            self._do_reload("changed while on standby")
+            self._do_reload("taking over from another router")
         self.spool.ensure(list(self.cfg.destinations))
         observer = self._watch()
         intake = self._make_intake()

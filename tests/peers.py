@@ -35,7 +35,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification
 
-from tests.dicomgen import PRIVATE_SOP_CLASS
+from tests.dicomgen import PRIVATE_SOP_CLASS, dataset_bytes
 
 # A scripted destination must store our private test class like any other storage class.
 register_uid(PRIVATE_SOP_CLASS, "HermesTestPrivateStorage", StorageServiceClass)
@@ -125,6 +125,22 @@ class Script:
     sop_classes: Sequence[str] | None = None
 
 
+def _received_bytes(event: evt.Event) -> bytes:
+    """The encoded dataset, whichever receive mode pynetdicom is in.
+
+    An in-process hermes Receiver switches pynetdicom to chunked receive for the
+    whole process; then the request's DataSet is empty and the data is in a file.
+    """
+    data = event.request.DataSet.getvalue()
+    if data:
+        return bytes(data)
+    try:
+        path = event.dataset_path
+    except Exception:
+        return b""
+    return dataset_bytes(path)
+
+
 class ScriptedSCP:
     """A pynetdicom Storage SCP on 127.0.0.1 whose behaviour the test scripts."""
 
@@ -198,7 +214,7 @@ class ScriptedSCP:
                     sop_class_uid=str(req.AffectedSOPClassUID),
                     transfer_syntax=str(event.context.transfer_syntax),
                     calling_ae=event.assoc.requestor.ae_title,
-                    data=req.DataSet.getvalue(),
+                    data=_received_bytes(event),
                 ))
         with self._lock:
             self.answers.append(status)

@@ -12,6 +12,7 @@ from pathlib import Path
 from hermes_py.cleaner import ORPHAN_GRACE, Cleaner, clean_once
 from hermes_py.config import Settings
 from hermes_py.spool import Spool, new_name
+from tests.peers import wait_for
 
 DAY = 86400.0
 
@@ -130,10 +131,7 @@ def test_clean_process_stops_on_sigterm(make_settings, tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "hermes_py", "clean", "-c", str(cfg.path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while old.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not old.exists()
+        wait_for(lambda: not old.exists(), 30, what="the cleaner process to age it out")
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(30)

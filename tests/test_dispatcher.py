@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import time
 from io import BytesIO
@@ -23,11 +24,12 @@ from pydicom.uid import (
     MRImageStorage,
     generate_uid,
 )
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from hermes_py.config import Settings
+from hermes_py.config import RetryPolicy, Settings
 from hermes_py.destinations.dicom import DicomDestination
-from hermes_py.dispatcher import Dispatcher
+from hermes_py.dispatcher import Dispatcher, backoff_delay
 from hermes_py.negotiation import plan
 from hermes_py.spool import Spool
 from tests.dicomgen import compressed_instance, dataset_bytes, make_instance
@@ -500,6 +502,42 @@ def test_scu_socket_has_nodelay_and_the_stall_guard(make_settings) -> None:
             assert assoc.requestor.ae_title == "HERMES"
         finally:
             assoc.release()
+
+
+def test_a_response_taken_by_the_reactor_goes_back_to_the_waiting_sender(
+        make_settings) -> None:
+    """The stall of issue 4: pynetdicom's reactor can dequeue the C-STORE-RSP that
+    send_c_store waits for; unguarded it logs "Received unexpected C-STORE service
+    message", drops it, and the sender waits out its DIMSE timeout."""
+    with ScriptedSCP() as scp:
+        cfg = make_settings(dest_toml("pacs", scp.port))
+        dest = DicomDestination(cfg.destinations["pacs"])
+        groups = plan([(CTImageStorage, ExplicitVRLittleEndian)], lambda x: x)
+        assoc, _ = dest.associate(groups[0][1])
+        assert assoc is not None
+        try:
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = 7
+            rsp.AffectedSOPClassUID = CTImageStorage
+            rsp.AffectedSOPInstanceUID = "1.2.3.4"
+            rsp.Status = 0x0000
+            assert rsp.is_valid_response and not rsp.is_valid_request
+            # exactly what the reactor does with a message it dequeued (_run_reactor)
+            assoc._serve_request(rsp, 1)
+            cx_id, got = assoc.dimse.msg_queue.get(timeout=10)
+            assert got is rsp and cx_id == 1
+        finally:
+            assoc.release()
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_max_delay() -> None:
+    retry = RetryPolicy(initial_delay=1.0, max_delay=60.0)
+    rng = random.Random(4)
+    for n, base in ((1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0)):
+        for _ in range(50):
+            assert 0.8 * base <= backoff_delay(n, retry, rng) <= 1.2 * base
+    assert all(48.0 <= backoff_delay(n, retry, rng) <= 60.0 for n in (7, 8, 100, 10**6))
+    assert len({round(backoff_delay(3, retry, rng), 6) for _ in range(20)}) > 10  # jitter
 
 
 def test_unreadable_file_goes_to_error_with_reason(make_settings) -> None:

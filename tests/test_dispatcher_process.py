@@ -67,7 +67,7 @@ def test_kill_9_mid_send_then_restart_delivers_all_with_bounded_duplicates(
         # nothing lost at the instant of the kill: every instance is in exactly one place
         in_flight = active(cfg, "pacs")
         total = len(delivered(cfg)) + len(queued(cfg, "pacs")) + len(in_flight)
-        assert total == 300, (total, open(tmp_path / "a.log").read()[-2000:])
+        assert total == 300, (total, (tmp_path / "a.log").read_text()[-2000:])
         assert 0 < len(in_flight) <= BATCH  # the batch in flight, stranded in a dead claim
         with dispatch_process(cfg, "pacs", tmp_path / "b.log") as b:
             wait_for(lambda: len(delivered(cfg)) == 300, 120, what="all 300 delivered")

@@ -419,3 +419,49 @@ def test_emptied_subfolders_stay_for_a_while(spool: Spool, tmp_path: Path) -> No
     intake.empty_dir_age = 0.0
     intake.poll(time.time() + 10)
     assert list(spool.drop.iterdir()) == []
+
+
+def _sparse_instance(path: Path, pixel_bytes: int, raw: bool) -> None:
+    """A big instance without writing its bytes: the pixel data is a sparse hole."""
+    ds = dicomgen.make_instance(8, 8)
+    del ds.PixelData
+    dicomgen.save(ds, path)
+    head = dicomgen.dataset_bytes(path) if raw else path.read_bytes()
+    with open(path, "wb") as f:
+        f.write(head + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes))
+        f.truncate(f.tell() + pixel_bytes)
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["part10", "no preamble"])
+def test_big_files_are_streamed_not_read(spool: Spool, raw: bool) -> None:
+    import tracemalloc
+
+    size = 64 << 20
+    dropped = spool.drop / "big"
+    _sparse_instance(dropped, size, raw)
+    expected = dicomgen.dataset_bytes(dropped) if not raw else None
+    intake = make_intake(spool)
+    tracemalloc.start()
+    try:
+        assert intake.poll() == 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak Python memory {peak / 2**20:.1f} MiB for a 64 MiB file"
+    [dst] = incoming(spool)
+    assert dst.stat().st_size >= size
+    if expected is not None:
+        assert dicomgen.dataset_bytes(dst) == expected
+
+
+def test_odd_file_names(spool: Spool, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Names that are not UTF-8 or hold a newline: taken, and logged on one line."""
+    f = ct(tmp_path)
+    drop = os.fsencode(spool.drop)
+    shutil.copyfile(f, os.path.join(drop, b"IM\xff\n01"))
+    with open(os.path.join(drop, b"junk\xfe"), "wb") as w:
+        w.write(b"x" * 200)
+    assert make_intake(spool).poll() == 2
+    assert len(incoming(spool)) == 1 and len(errors(spool)) == 1
+    assert sidecar(incoming(spool)[0])["original_path"] == "drop/IM\udcff\n01"
+    assert all("\n" not in m for m in caplog.messages)

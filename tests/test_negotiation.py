@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import (
+    MPEG2MPML,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -14,7 +15,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
-    MPEG2MPML,
     MRImageStorage,
     RLELossless,
 )

@@ -62,6 +62,12 @@ port = 3
 # ---------------------------------------------------------------- helpers
 
 
+def wait(cond: Any, what: str, timeout: float = 60.0) -> Any:
+    """wait_for with a deadline generous enough for a machine shared with other test runs."""
+    return wait_for(cond, timeout=timeout, what=what)
+
+
+
 class Env:
     """A rules.toml, its spool, and a way to put instances into incoming/."""
 
@@ -110,7 +116,7 @@ def running(cfg: Settings) -> Iterator[router.Router]:
     th = threading.Thread(target=lambda: result.append(r.run()), name="router", daemon=True)
     th.start()
     try:
-        wait_for(lambda: r.active.is_set() or not th.is_alive(), what="router to start")
+        wait(lambda: r.active.is_set() or not th.is_alive(), what="router to start")
         assert th.is_alive(), "router thread died"
         yield r
     finally:
@@ -173,7 +179,7 @@ to = ["b"]
         sources[name] = ds
     us = env.publish(make_instance(16, 16, modality="US"), calling_ae="US1")
     with running(env.cfg):
-        wait_for(env.incoming_empty, what="incoming/ to drain")
+        wait(env.incoming_empty, what="incoming/ to drain")
     sp = env.spool
     for name, ds in sources.items():
         a, b = sp.outbox("a") / f"{name}.dcm", sp.outbox("b") / f"{name}.dcm"
@@ -223,7 +229,7 @@ action = "discard"
     stat = env.publish(make_instance(16, 16, study_description="CT HEAD STAT"))
     test = env.publish(make_instance(16, 16, patient_id="TEST42"))
     with running(env.cfg):
-        wait_for(env.incoming_empty, what="incoming/ to drain")
+        wait(env.incoming_empty, what="incoming/ to drain")
     sp = env.spool
     assert env.names(sp.outbox("a", URGENT)) == {stat}
     assert env.names(sp.outbox("a")) == set()
@@ -250,7 +256,7 @@ def test_unreadable_goes_to_error_and_never_blocks(tmp_path: Path) -> None:
         bad.append(name)
     good = [env.publish(make_instance(16, 16)) for _ in range(3)]
     with running(env.cfg):
-        wait_for(env.incoming_empty, what="incoming/ to drain")
+        wait(env.incoming_empty, what="incoming/ to drain")
     assert env.names(sp.outbox("a")) == set(good)
     assert env.names(sp.error) == set(bad)
     e0 = env.sidecar(sp.error, bad[0])["error"]
@@ -286,7 +292,7 @@ def test_series_hold_release_and_late_instance(tmp_path: Path) -> None:
              for i in range(5)}
     other = env.publish(make_instance(16, 16))  # another series: its own batch
     with running(env.cfg):
-        wait_for(lambda: env.names(sp.outbox("b")) >= first | {other},
+        wait(lambda: env.names(sp.outbox("b")) >= first | {other},
                  what="the series to be released to b")
         assert env.names(sp.outbox("a")) >= first | {other}  # instance rule: at once
         batches = {env.sidecar(sp.outbox("b"), n)["hold"]["batch"] for n in first}
@@ -296,11 +302,11 @@ def test_series_hold_release_and_late_instance(tmp_path: Path) -> None:
         assert env.sidecar(sp.outbox("b"), other)["hold"]["batch"] != batch
         # a late instance of the released series starts a new batch; never dropped
         late = env.publish(make_instance(16, 16, series_uid=series, instance_number=99))
-        wait_for(lambda: late in env.names(sp.outbox("b")), what="the late instance")
+        wait(lambda: late in env.names(sp.outbox("b")), what="the late instance")
         hold = env.sidecar(sp.outbox("b"), late)["hold"]
         assert hold["batch"] != batch and hold["key"] == batch.split("@")[0]
         assert hold["released_at"] >= hold["held_at"]
-        wait_for(lambda: not any(os.scandir(sp.pending)), what="pending/ to be empty")
+        wait(lambda: not any(os.scandir(sp.pending)), what="pending/ to be empty")
     for n in first | {late, other}:
         assert (sp.outbox("a") / f"{n}.dcm").stat().st_nlink == 2
 
@@ -312,7 +318,7 @@ def test_held_batch_survives_restart(tmp_path: Path) -> None:
     names = {env.publish(make_instance(16, 16, series_uid=series, instance_number=i))
              for i in range(3)}
     with running(env.cfg):
-        wait_for(env.incoming_empty, what="incoming/ to drain")
+        wait(env.incoming_empty, what="incoming/ to drain")
     (batch,) = list(sp.pending.iterdir())
     assert env.names(batch) == names and env.names(sp.outbox("b")) == set()
     assert env.names(sp.outbox("a")) == names
@@ -322,7 +328,7 @@ def test_held_batch_survives_restart(tmp_path: Path) -> None:
     # restart: the batch is still held (and joined by a new instance of the series)
     with running(env.cfg):
         late = env.publish(make_instance(16, 16, series_uid=series, instance_number=7))
-        wait_for(lambda: late in env.names(batch), what="the new instance to join the batch")
+        wait(lambda: late in env.names(batch), what="the new instance to join the batch")
     assert env.names(sp.outbox("b")) == set()
 
     # make the batch look quiet for 2 h (its folder's mtime is its last arrival): a restart
@@ -330,8 +336,8 @@ def test_held_batch_survives_restart(tmp_path: Path) -> None:
     old = time.time() - 7200
     os.utime(batch, (old, old))
     with running(env.cfg):
-        wait_for(lambda: env.names(sp.outbox("b")) == names | {late}, what="release")
-        wait_for(lambda: not any(os.scandir(sp.pending)), what="pending/ to be empty")
+        wait(lambda: env.names(sp.outbox("b")) == names | {late}, what="release")
+        wait(lambda: not any(os.scandir(sp.pending)), what="pending/ to be empty")
     released = {env.sidecar(sp.outbox("b"), n)["hold"]["batch"] for n in names | {late}}
     assert len(released) == 1
 
@@ -346,20 +352,20 @@ def test_hot_reload_valid_and_invalid(tmp_path: Path, caplog: pytest.LogCaptureF
     sp = env.spool
     with running(env.cfg) as r:
         n1 = env.publish(make_instance(16, 16))
-        wait_for(lambda: n1 in env.names(sp.outbox("a")), what="routing to a")
+        wait(lambda: n1 in env.names(sp.outbox("a")), what="routing to a")
 
         env.write(to_a.replace('to = ["a"]', 'to = ["b"]'))
-        wait_for(lambda: r.rules[0].to == ("b",), what="the valid edit to be loaded")
+        wait(lambda: r.rules[0].to == ("b",), what="the valid edit to be loaded")
         n2 = env.publish(make_instance(16, 16))
-        wait_for(lambda: n2 in env.names(sp.outbox("b")), what="routing to b")
+        wait(lambda: n2 in env.names(sp.outbox("b")), what="routing to b")
 
         env.write(to_a.replace("Modality", "Modalty"))  # invalid
-        wait_for(lambda: any("rules not reloaded" in m for m in caplog.messages),
+        wait(lambda: any("rules not reloaded" in m for m in caplog.messages),
                  what="the invalid edit to be refused")
         msg = next(m for m in caplog.messages if "rules not reloaded" in m)
         assert f"{env.path.resolve()}:" in msg and "rules[0].match.Modalty" in msg
         n3 = env.publish(make_instance(16, 16))
-        wait_for(lambda: n3 in env.names(sp.outbox("b")), what="old rules still routing")
+        wait(lambda: n3 in env.names(sp.outbox("b")), what="old rules still routing")
         assert r.rules[0].to == ("b",)
     assert env.names(sp.outbox("a")) == {n1}
 
@@ -372,10 +378,10 @@ def test_route_process_sighup_standby_sigterm(tmp_path: Path,
     log1, log2 = tmp_path / "r1.log", tmp_path / "r2.log"
     p1 = start_route(env, log1)
     procs.append(p1)
-    wait_for(lambda: "router active" in log1.read_text(), timeout=60, what="router 1 active")
+    wait(lambda: "router active" in log1.read_text(), timeout=60, what="router 1 active")
     p2 = start_route(env, log2)
     procs.append(p2)
-    wait_for(lambda: "waiting as standby" in log2.read_text(), timeout=60,
+    wait(lambda: "waiting as standby" in log2.read_text(), timeout=60,
              what="router 2 on standby")
 
     # SIGHUP reloads. The edit keeps inode, size and mtime, so the stat check cannot
@@ -385,14 +391,14 @@ def test_route_process_sighup_standby_sigterm(tmp_path: Path,
     os.utime(env.path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (env.path.stat().st_ino, env.path.stat().st_size) == (st.st_ino, st.st_size)
     p1.send_signal(signal.SIGHUP)
-    wait_for(lambda: "(SIGHUP)" in log1.read_text(), timeout=60, what="reload on SIGHUP")
+    wait(lambda: "(SIGHUP)" in log1.read_text(), timeout=60, what="reload on SIGHUP")
     n1 = env.publish(make_instance(16, 16))
-    wait_for(lambda: n1 in env.names(sp.outbox("c")), timeout=60, what="routing to c")
+    wait(lambda: n1 in env.names(sp.outbox("c")), timeout=60, what="routing to c")
 
     assert stop(p1) == 0
-    wait_for(lambda: "now active" in log2.read_text(), timeout=60, what="standby takes over")
+    wait(lambda: "now active" in log2.read_text(), timeout=60, what="standby takes over")
     n2 = env.publish(make_instance(16, 16))
-    wait_for(lambda: n2 in env.names(sp.outbox("c")), timeout=60, what="router 2 routing")
+    wait(lambda: n2 in env.names(sp.outbox("c")), timeout=60, what="router 2 routing")
     assert stop(p2) == 0
     assert "router stopped" in log2.read_text()
 
@@ -454,7 +460,7 @@ def test_crash_between_links_fault_injection(tmp_path: Path,
     for _ in range(60):
         p = start_route(env, log, {router.CRASH_ENV: "37"})
         procs.append(p)
-        wait_for(lambda p=p: p.poll() is not None or _settled(env), timeout=120,
+        wait(lambda p=p: p.poll() is not None or _settled(env), timeout=120,
                  what="a crash or the end")
         if p.poll() is None:
             assert stop(p) == 0
@@ -476,14 +482,14 @@ def test_kill_9_while_routing(tmp_path: Path, procs: list[subprocess.Popen[bytes
     for target in (40, 120, 200):
         p = start_route(env, log)
         procs.append(p)
-        wait_for(lambda t=target: len(env.names(sp.outbox("a"))) >= t, timeout=120,
+        wait(lambda t=target: len(env.names(sp.outbox("a"))) >= t, timeout=120,
                  what=f"{target} instances routed")
         p.kill()  # SIGKILL: no cleanup at all
         p.wait()
         assert p.returncode == -signal.SIGKILL
     p = start_route(env, log)
     procs.append(p)
-    wait_for(lambda: _settled(env) and len(env.names(sp.outbox("c"))) == len(names),
+    wait(lambda: _settled(env) and len(env.names(sp.outbox("c"))) == len(names),
              timeout=120, what="the restarted router to finish")
     assert stop(p) == 0
     _assert_exactly_once(env, names)
@@ -503,7 +509,7 @@ def test_intake_runs_inside_the_router(tmp_path: Path) -> None:
         staged = save(ds, tmp_path / "staged.dcm")
         (env.spool.drop / "study1").mkdir(parents=True, exist_ok=True)
         os.replace(staged, env.spool.drop / "study1" / "IM0001")
-        wait_for(lambda: env.names(env.spool.outbox("a")), timeout=60,
+        wait(lambda: env.names(env.spool.outbox("a")), timeout=60,
                  what="the dropped file to be routed")
     (name,) = env.names(env.spool.outbox("a"))
     sc = env.sidecar(env.spool.outbox("a"), name)

@@ -146,6 +146,9 @@ class DicomDestination(Destination):
                     return failure
         return None
 
+    def close(self) -> None:
+        self.ae.shutdown()
+
     def _no_contexts(self, pending: list[Item], report: Report) -> None:
         rejected = self._last_rejected
         for item in pending:
@@ -185,7 +188,7 @@ class DicomDestination(Destination):
                                                   int(p.diagnostic or 0))
         if not opened.is_set():
             return None, self._connect_failure(time.monotonic() - t0)
-        if p is not None and self._last_rejected:
+        if p is not None and self._last_rejected and not assoc.accepted_contexts:
             return None, None
         return None, LinkFailure(
             LinkKind.NO_RESPONSE,

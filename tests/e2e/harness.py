@@ -456,6 +456,10 @@ class Hermes:
         finally:
             log.close()
 
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Until the receiver answers a C-ECHO; fail at once if serve exits meanwhile."""
         def ready() -> bool:
             if self.proc is None or self.proc.poll() is not None:
                 return True
@@ -463,9 +467,9 @@ class Hermes:
 
         wait_for(ready, timeout, interval=0.3, what=f"hermes-py serve to answer C-ECHO on "
                                                     f"{self.port}")
-        if self.proc.poll() is not None:
-            pytest.fail(f"hermes-py serve exited with {self.proc.returncode} during start\n"
-                        f"{self.log_tail(60)}")
+        if self.proc is None or self.proc.poll() is not None:
+            rc = None if self.proc is None else self.proc.returncode
+            pytest.fail(f"hermes-py serve exited with {rc}\n{self.log_tail(60)}")
 
     def stop(self, timeout: float = STOP_TIMEOUT, expect: int | None = 0) -> int:
         """SIGTERM to serve (what systemd and Ctrl-C do); it must exit ``expect``, children too."""

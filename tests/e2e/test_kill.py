@@ -119,3 +119,47 @@ def test_sigterm_mid_transfer_exits_0_and_loses_nothing(tmp_path: Path, hermes, 
     assert dups <= BATCH + 1, f"{dups} duplicates after one clean shutdown"
     assert not h.all_errors()
     h.stop()
+
+
+@pytest.mark.timeout(300)
+def test_kill9_single_pieces_while_relaying(tmp_path: Path, hermes, scp) -> None:
+    """kill -9 of one piece at a time (router, dispatcher, receiver) while serve keeps
+    running: serve restarts it, the piece recovers its own in-flight work, and everything
+    acknowledged arrives."""
+    seed = int(os.environ.get("HERMES_E2E_SEED", str(time.time_ns() % 10**6)))
+    print(f"HERMES_E2E_SEED={seed}")
+    rng = random.Random(seed)
+    dest = Dest("pacs", options={"batch_size": BATCH})
+    h = hermes([dest])
+    peer = scp(dest, Script(delay=0.005))
+    files = make_corpus(tmp_path / "corpus", 400)
+    sent = sent_index(files)
+    uid_of = {p: str(ds.SOPInstanceUID) for p, ds in zip(files, sent.values(), strict=True)}
+    h.start()
+
+    acked: set[str] = set()
+    kills = 0
+    for verb in ("route", "dispatch", "receive", "dispatch", "route"):
+        modality = h.send_async([p for p in files if uid_of[p] not in acked])
+        time.sleep(rng.uniform(0.3, 1.5))
+        pids = h.children(verb)
+        assert pids, f"no {verb} child under serve"
+        h._mark(f"kill -9 of {verb} {pids}")
+        h._kill_pids(pids)
+        kills += 1
+        acked |= modality.result().acked
+        # serve restarts it; the receiver must answer again before the next round.
+        wait_for(lambda v=verb, old=set(pids): h.children(v) and not set(h.children(v)) & old,
+                 60, what=f"serve to restart {verb}")
+        h.wait_ready()
+    res = h.send([p for p in files if uid_of[p] not in acked])
+    acked |= res.acked
+    assert acked == set(sent), res.describe()
+    wait_delivered(lambda: peer.uids, acked, what="every acknowledged instance", hermes=h)
+    arrived = scp_arrivals(peer)
+    assert_delivered(sent, arrived, where="pacs")
+    dups = duplicates(arrived)
+    print(f"{dups} duplicate(s) after {kills} single-piece kills")
+    assert dups <= kills * (BATCH + 2)
+    assert not h.all_errors()
+    h.stop()

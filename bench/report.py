@@ -30,6 +30,8 @@ KINDS = {
     "receive": "dcmsend -> hermes-py receive, until dcmsend has every C-STORE Success "
                "(Success = fsynced and renamed into spool/incoming/)",
     "relay": "dcmsend -> hermes-py serve -> storescp, until the last instance is at storescp",
+    "pynetdicom-receive": "dcmsend -> a bare pynetdicom SCP (in memory, no disk, logging "
+                          "off): the library's floor, for reference",
     "orthanc-receive": "dcmsend -> Orthanc (no Lua), until dcmsend has every Success",
     "orthanc-relay": "dcmsend -> Orthanc + Lua Delete(SendToModality(id,'dest')) -> storescp, "
                      "until the last instance is at storescp",

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # tests.peers and tests.dicomgen are imported from the repo
     sys.path.insert(0, str(REPO))
 
-KINDS = ("direct", "receive", "relay", "orthanc-receive", "orthanc-relay")
+KINDS = ("direct", "receive", "relay", "pynetdicom-receive", "orthanc-receive", "orthanc-relay")
 CORPORA = ("small", "ct", "compressed")
 ORDER: list[tuple[str, str]] = [(k, c) for k in KINDS for c in CORPORA] + [("backlog", "backlog")]
 
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"bench: {orthanc_msg}")
     chosen, profile = select(args.only, orthanc, args.profile)
 
-    from bench import corpus, report, scenarios
+    from bench import corpus, procs, report, scenarios
 
     quick = args.quick
     reps = args.reps or (1 if quick else 3)
@@ -193,14 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"bench: backlog of {backlog_n:,}")
             results.append(scenarios.backlog(ctx))
         if profile:
-            log("bench: profiling one small-instance relay with py-spy --subprocesses")
             from bench import profiling
-            try:
-                profile_summary = profiling.profile_relay(ctx, "small",
-                                                          report.RESULTS / f"profile-{stamp}")
-            except Exception as e:  # a profiler problem must not lose the measurements
-                log(f"bench: profiling failed: {e}")
-                profile_summary = {"error": str(e)}
+            profile_summary = {}
+            for gil in (False, True):
+                mode = "gil" if gil else "wall"
+                log(f"bench: profiling one small-instance relay with py-spy ({mode})")
+                try:
+                    profile_summary[mode] = profiling.profile_relay(
+                        ctx, "small", report.RESULTS / f"profile-{stamp}", gil=gil)
+                except procs.FAILURES as e:  # a profiler problem must not lose the figures
+                    log(f"bench: profiling ({mode}) failed: {e}")
+                    profile_summary[mode] = {"error": str(e)}
     except KeyboardInterrupt:
         interrupted = True
         log("bench: interrupted; everything started was stopped; partial results follow")
@@ -242,10 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = report.to_json(results, tgts, meta=meta)
     path = report.write_json(doc)
     print(report.render(doc, results, tgts))
-    if profile_summary and "processes" in profile_summary:
-        from bench import profiling
-        print()
-        print(profiling.format_summary(profile_summary))
+    from bench import profiling
+    for summary in (profile_summary or {}).values():
+        if "processes" in summary:
+            print()
+            print(profiling.format_summary(summary))
     print(f"\nresults: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 130 if interrupted else 0
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from bench.procs import (
     RssSampler,
     hermes_cmd,
     merge_peaks,
+    tail,
     write_config,
 )
 from bench.report import Result
@@ -236,6 +238,33 @@ def relay(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
     return Run(last - t0, {"dcmsend_done_seconds": round(box["end"] - t0, 3)})
 
 
+def pynetdicom_receive(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
+    """The same transfer into a bare pynetdicom SCP (bench.floor): the library's floor."""
+    port = peers.free_port()
+    with open(d / "floor.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.floor", str(port)],
+                                cwd=Path(__file__).resolve().parent.parent,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while peers.echoscu(port, called="HERMES", timeout=10).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"bench.floor did not come up: {tail(d / 'floor.log')}")
+            time.sleep(0.2)
+        t0 = time.time()
+        r = _dcmsend(port, c, "HERMES", ctx)
+        dt = time.time() - t0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _check_dcmsend(r, c.count)
+    return Run(dt)
+
+
 def orthanc_receive(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
     with peers.Orthanc(d / "orthanc") as orth:
         assert orth.proc is not None
@@ -276,7 +305,7 @@ def orthanc_relay(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
 
 
 RUNNERS: dict[str, Callable[[Context, corpus_mod.Corpus, Path], Run]] = {
-    "direct": direct, "receive": receive, "relay": relay,
+    "direct": direct, "receive": receive, "relay": relay, "pynetdicom-receive": pynetdicom_receive,
     "orthanc-receive": orthanc_receive, "orthanc-relay": orthanc_relay,
 }
 

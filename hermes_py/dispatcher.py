@@ -48,6 +48,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pydicom.filereader import read_file_meta_info
+
 from hermes_py import destinations, log
 from hermes_py.config import DestinationSettings, RetryPolicy, Settings
 from hermes_py.destinations.base import Destination, Item
@@ -573,7 +575,6 @@ class Dispatcher:
             ts = str(data.get("transfer_syntax") or "")
             if not (sop and cls and ts):
                 try:
-                    from pydicom.filereader import read_file_meta_info
                     meta = read_file_meta_info(path)
                     sop = sop or str(meta.get("MediaStorageSOPInstanceUID", ""))
                     cls = cls or str(meta.get("MediaStorageSOPClassUID", ""))
@@ -603,7 +604,7 @@ class Dispatcher:
     # ------------------------------------------------------------ recording outcomes
 
     def _attempt(self, data: dict[str, Any], now: float, outcome: str, result: Result | None,
-                 reason: str, detail: str = "") -> dict[str, Any]:
+                 reason: str, detail: str = "", scope: str | None = None) -> dict[str, Any]:
         """The sidecar after one more attempt (a new dict; keys are never renamed)."""
         d = dict(data)
         d["destination"] = self.name
@@ -614,6 +615,8 @@ class Dispatcher:
                                  "reason": reason}
         if detail:
             entry["detail"] = detail
+        if scope:
+            entry["scope"] = scope
         if result is not None and result.association:
             entry["association"] = result.association
         hist = list(d.get("history") or [])
@@ -659,7 +662,11 @@ class Dispatcher:
                            f"(give_up_after) queued; last error: {reason}")
                     self._fail(item.path, d, why, result, recorded=True)
                     return
-                delay = backoff_delay(d["attempts"], self.retry, self.rng)
+                # Only this instance's own failures grow its delay; tries that met a
+                # destination-level failure are the destination's backoff's business.
+                own = sum(1 for h in d["history"] if h.get("outcome") == Outcome.TRANSIENT
+                          and h.get("scope") != "destination")
+                delay = backoff_delay(own, self.retry, self.rng)
                 d["next_attempt"] = now_iso(now + delay)
                 self._unclaim(slot, item.path, sidecar=d, mtime=now + delay)
                 log.event(LOG, "retried", item.sop_instance_uid, self.name, logging.WARNING,
@@ -678,7 +685,8 @@ class Dispatcher:
         before (its own timer is not pushed out; the destination's backoff governs)."""
         now = time.time()
         data = slot.sidecars.get(item.path) or self.spool.read_sidecar(item.path)
-        d = self._attempt(data, now, Outcome.TRANSIENT, None, str(failure.kind), failure.detail)
+        d = self._attempt(data, now, Outcome.TRANSIENT, None, str(failure.kind), failure.detail,
+                          scope="destination")
         d["next_attempt"] = now_iso(now + delay)
         try:
             if not failure.misconfigured and self._expired(d, now):

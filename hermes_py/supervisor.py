@@ -73,7 +73,15 @@ def child_setup() -> None:
     it is missing the child simply outlives a kill -9 of its supervisor.
     """
     parent = os.environ.get(SUPERVISED_ENV)
-    if not parent or not sys.platform.startswith("linux"):
+    if not parent:
+        return
+    # serve started us with SIGHUP blocked: one that arrived while we were starting
+    # is discarded here, not fatal (the default action). A stage that reloads on
+    # SIGHUP (the router) installs its own handler; the others ignore it, terminal
+    # hangups included.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -153,6 +161,9 @@ class Supervisor:
         env = dict(os.environ)
         env[SUPERVISED_ENV] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"
+        # The child inherits a blocked SIGHUP until child_setup() ignores it: a reload
+        # signal forwarded while it starts must not kill it. Ours is only delayed.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             child.proc = subprocess.Popen(self._argv(child), env=env, stdin=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, close_fds=True)
@@ -160,6 +171,8 @@ class Supervisor:
             LOG.error("cannot start %s: %s", child.name, e)
             self._schedule_restart(child, time.monotonic())
             return
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child.started = time.monotonic()
         child.started_at = now_iso()
         assert child.proc.stderr is not None

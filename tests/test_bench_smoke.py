@@ -122,21 +122,27 @@ def test_selection_and_process_labels() -> None:
 
 
 def test_profile_summary_parses_pyspy_raw(tmp_path: Path) -> None:
+    serve = 'process 1:"/v/bin/python /v/bin/hermes-py serve -c x"'
+    recv = serve + ';process 2:"/v/bin/python -m hermes_py receive -c x"'
     raw = tmp_path / "p.txt"
     raw.write_text(
-        'process 1:"/v/bin/python /v/bin/hermes-py serve -c x";process 2:"/v/bin/python -m '
-        'hermes_py receive -c x";run (threading.py);recv (pynetdicom/transport.py) 30\n'
-        'process 1:"/v/bin/python /v/bin/hermes-py serve -c x";process 2:"/v/bin/python -m '
-        'hermes_py receive -c x";run (threading.py);handle (hermes_py/receiver.py);'
-        'fsync (hermes_py/spool.py) 10\n'
-        'process 1:"/v/bin/python /v/bin/hermes-py serve -c x";wait (threading.py) 5\n')
+        f"{recv};run (threading.py:1);recv (pynetdicom/transport.py:598) 30\n"
+        f"{recv};run (threading.py:1);handle (hermes_py/receiver.py:9);"
+        "fsync_path (hermes_py/spool.py:120) 10\n"
+        f"{recv};run (threading.py:1);DULServiceProvider.run_reactor (pynetdicom/dul.py:403) 50\n"
+        f"{recv};run (threading.py:1);Condition.wait (threading.py:320) 10\n"
+        f"{serve};_pump (hermes_py/supervisor.py:226) 5\n")
     s = profiling.summarize(raw, wall=2.0)
     rec = s["processes"]["receive"]
-    assert rec["samples"] == 40 and rec["cpu_cores"] == 0.2
-    assert rec["self_top"][0][0] == "recv (pynetdicom/transport.py)"
+    assert rec["samples"] == 100 and rec["busy_samples"] == 40
+    assert rec["waiting_pct"] == 60.0 and rec["busy_cores"] == 0.2
+    assert rec["self_top"][0][:2] == ("recv (pynetdicom/transport.py)", 30)
+    assert rec["self_lines_top"][1][0] == "fsync_path (hermes_py/spool.py:120)"
     assert rec["by_package_pct"] == {"pynetdicom": 75.0, "hermes_py": 25.0}
     incl = {f: n for f, n, _ in rec["inclusive_top"]}
     assert incl == {"recv (pynetdicom/transport.py)": 30, "handle (hermes_py/receiver.py)": 10,
-                    "fsync (hermes_py/spool.py)": 10}  # thread bootstrap frames left out
-    assert "serve" in s["processes"]
-    assert "[receive]" in profiling.format_summary(s)
+                    "fsync_path (hermes_py/spool.py)": 10}  # thread bootstrap left out
+    assert {f for f, _, _ in rec["waiting_top"]} == {
+        "DULServiceProvider.run_reactor (pynetdicom/dul.py)", "Condition.wait (threading.py)"}
+    assert list(s["processes"]) == ["receive", "serve"]
+    assert "[receive] busy ~0.2 cores" in profiling.format_summary(s)

@@ -15,6 +15,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pydicom import dcmwrite
 from pydicom.filereader import read_dataset
 from pydicom.uid import (
     UID,
@@ -151,6 +152,7 @@ def test_down_for_several_backoff_periods_then_up_drains_everything(make_setting
     # The first batch (all 30) met the refusal; after that one probe (one instance) per
     # interval, not one failed connection per instance.
     assert all(sc["history"][0]["reason"] == "connection refused" for sc in scs)
+    assert all(h["scope"] == "destination" for sc in scs for h in sc["history"][:-1])
     assert all(sc["history"][-1]["outcome"] == "success" for sc in scs)
     probes = sum(sc["attempts"] - 2 for sc in scs)
     assert 3 <= probes <= 40
@@ -538,6 +540,30 @@ def test_backoff_grows_exponentially_with_jitter_up_to_max_delay() -> None:
             assert 0.8 * base <= backoff_delay(n, retry, rng) <= 1.2 * base
     assert all(48.0 <= backoff_delay(n, retry, rng) <= 60.0 for n in (7, 8, 100, 10**6))
     assert len({round(backoff_delay(3, retry, rng), 6) for _ in range(20)}) > 10  # jitter
+
+
+def test_file_without_preamble_is_still_delivered(make_settings) -> None:
+    # pynetdicom can only stream a full Part-10 file; anything else is read and encoded.
+    with ScriptedSCP() as scp:
+        cfg = make_settings(dest_toml("pacs", scp.port))
+        spool = Spool(cfg.spool.path)
+        ds = make_instance(16, 16)
+        ds.preamble = None
+        tmp = spool.tmp_path(".dcm")
+        dcmwrite(tmp, ds, enforce_file_format=False)
+        assert tmp.read_bytes()[128:132] != b"DICM"
+        spool.publish(tmp, spool.outbox("pacs"), "20261128T000000.000000_1.2.3_0badcafe",
+                      {"destination": "pacs", "priority": "normal", "sop_instance_uid":
+                       str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
+                       "transfer_syntax": ExplicitVRLittleEndian}, fsync_data=False)
+        d = Dispatcher(cfg, "pacs")
+        try:
+            assert d.run_once() == 1
+        finally:
+            d.close()
+        assert scp.uids == {str(ds.SOPInstanceUID)}
+        (sc,) = sidecars(spool.success_dir("pacs"))
+        assert sc["delivered_as"] == ExplicitVRLittleEndian
 
 
 def test_unreadable_file_goes_to_error_with_reason(make_settings) -> None:

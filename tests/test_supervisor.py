@@ -202,6 +202,7 @@ def test_sighup_reloads_adds_and_removes_destinations(tmp_path: Path) -> None:
     rules = write_rules(tmp_path)
     with serving(tmp_path, rules) as s:
         wait_children(s)
+        wait_for(lambda: "router active" in s.log_text(), START, 0.2, "the router to start")
         ris_pid = s.pid("dispatch:ris")
         text = rules.read_text()
         # invalid edit: kept running with the old configuration
@@ -222,6 +223,25 @@ def test_sighup_reloads_adds_and_removes_destinations(tmp_path: Path) -> None:
                  "the router's reload")
         assert not _alive(ris_pid)
         assert s.spool.outbox("lab").is_dir()
+        log = s.log_text()
+        assert "killed by SIGHUP" not in log
+        assert "dispatch:ris (pid" in log and "not restarted (no longer configured)" in log
+        assert s.stop() == 0
+
+
+def test_sighup_while_children_start_kills_nothing(tmp_path: Path) -> None:
+    """systemctl reload right after start: no child may die of the default SIGHUP action."""
+    rules = write_rules(tmp_path)
+    with serving(tmp_path, rules) as s:
+        wait_for(lambda: len(s.children()) == len(CHILDREN), START, 0.02, "children started")
+        for _ in range(3):
+            s.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.2)
+        wait_children(s)
+        wait_for(lambda: "router active" in s.log_text(), START, 0.2, "the router to start")
+        time.sleep(1.0)  # let a wrongly killed child be reaped and logged
+        assert "killed by SIGHUP" not in s.log_text()
+        assert all(c["restarts"] == 0 for c in s.children().values()), s.children()
         assert s.stop() == 0
 
 

@@ -279,6 +279,15 @@ class DicomDestination(Destination):
                 pending.pop(0)
                 report(item, Result(Outcome.PERMANENT, f"cannot send: {e}", association=label))
                 continue
+            except (OSError, EOFError) as e:
+                # Reading our own file failed while streaming it: half a message may be on
+                # the wire, so this association is unusable; the rest goes on a new one.
+                pending.pop(0)
+                answered += 1  # handled: not the destination's fault
+                report(item, Result(Outcome.PERMANENT, f"cannot read the instance file while "
+                                    f"sending it: {type(e).__name__}: {e}", association=label))
+                assoc.abort()
+                continue
             if not status:
                 pending.pop(0)
                 waited = time.monotonic() - t0
@@ -315,11 +324,13 @@ class DicomDestination(Destination):
         if isinstance(payload, Path):
             try:
                 return assoc.send_c_store(payload, msg_id=msg_id), choice.transfer_syntax
-            except (ValueError, AttributeError, InvalidDicomError, OSError, EOFError) as e:
-                # No preamble/meta, or meta disagreeing with the sidecar: read it properly.
+            except (ValueError, AttributeError, InvalidDicomError) as e:
+                # Raised before anything is sent: no preamble/meta, or a meta transfer syntax
+                # that disagrees with the sidecar's. Read the file properly and convert.
                 LOG.debug("streaming %s failed (%s); sending it decoded", payload, e)
                 ds = dcmread(payload, force=True)
-                ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if "file_meta" in ds else ""
+                meta = getattr(ds, "file_meta", None)
+                ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
                 if not ts:
                     raise negotiation.Unsendable(
                         "the file has no transfer syntax in its meta header") from e

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,6 +171,10 @@ def label(cmdline: list[str]) -> str:
             return " ".join(words) or base
         if base == "hermes_py.__main__" or tok.endswith("hermes_py/__main__.py"):
             return " ".join(w for w in cmdline[i + 1:i + 3] if not w.startswith("-")) or base
+    for tok in cmdline:  # ``python -c "from hermes_py import receiver; ..."`` (siblings)
+        m = re.search(r"from hermes_py import (\w+)", tok)
+        if m:
+            return {"receiver": "receive"}.get(m.group(1), m.group(1)) + " sibling"
     if any("multiprocessing" in t for t in cmdline):
         return "multiprocessing child"
     return os.path.basename(cmdline[0]) if cmdline else "?"

@@ -1,11 +1,16 @@
 """``python -m bench.run`` (what ``make bench`` runs): every scenario, the table, the JSON.
 
-Options: ``--quick`` (tiny corpora, one run each: a smoke run), ``--only X`` (a kind
-such as ``relay``, a corpus such as ``small``, one scenario such as ``relay-small``,
-``orthanc``, ``backlog`` or ``profile``; repeatable or comma-separated), ``--reps N``,
-``--profile`` (py-spy over one small-instance relay, after the rest), ``--keep`` (keep
-the run folders under bench/results/work-*/). ``BENCH_SCALE`` multiplies the backlog
-(20,000 x scale). Progress goes to stderr, the table to stdout.
+Scenarios are kinds (direct, receive, relay, pynetdicom-receive, orthanc-receive,
+orthanc-relay) times corpora (small, ct, compressed), run in rounds (each scenario
+once per round, ``--reps`` rounds, median reported), then the backlog once.
+
+Options: ``--quick`` (tiny corpora, one round, 500-instance backlog: a smoke run),
+``--only X`` (a kind such as ``relay``, a corpus such as ``small``, one scenario such
+as ``relay-small``, ``orthanc``, ``backlog`` or ``profile``; repeatable or
+comma-separated), ``--reps N``, ``--profile`` (py-spy over two small-instance relays
+after the rest: all threads, then GIL holders only), ``--keep`` (keep the run
+folders under bench/results/work-*/). ``BENCH_SCALE`` multiplies the backlog
+(20,000 x scale). Progress goes to stderr, the report to stdout.
 
 Everything binds and sends on 127.0.0.1 only, and everything started is stopped on
 the way out, Ctrl-C included.
@@ -140,8 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         import psutil  # noqa: F401
-    except ImportError:
-        log("bench: psutil missing; run `make bench` (installs the bench extra)")
+        import pytest  # noqa: F401  (tests.peers needs it)
+    except ImportError as e:
+        log(f"bench: {e.name} missing; run `make bench` (installs the bench extra)")
         return 2
     ensure_peers()
     if not dcmtk_present():

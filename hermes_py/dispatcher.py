@@ -654,7 +654,7 @@ class Dispatcher:
                 self.spool.move(item.path, self.spool.success_dir(self.name), sidecar=d)
                 log.event(LOG, "sent", item.sop_instance_uid, self.name,
                           status=result.status_hex, ts=result.delivered_as,
-                          attempts=d["attempts"],
+                          attempts=d["attempts"], size=d.get("size"),
                           warning="; ".join(result.warnings) if result.warnings else None)
             elif outcome is Outcome.TRANSIENT:
                 if self._expired(d, now):

@@ -119,6 +119,8 @@ def test_selection_and_process_labels() -> None:
     assert procs.label(["/v/bin/python", "/v/bin/hermes-py", "dispatch", "pacs", "-c", "x"]) \
         == "dispatch pacs"
     assert procs.label(["/v/bin/python", "-m", "hermes_py", "receive", "-c", "x"]) == "receive"
+    assert procs.label(["/v/bin/python", "-c", "import sys; from hermes_py import receiver; ...",
+                        "rules.toml", "11112", "1"]) == "receive sibling"
 
 
 def test_profile_summary_parses_pyspy_raw(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from tests.e2e.harness import (
     Dest,
     assert_delivered,
     duplicates,
+    folder_arrivals,
     make_corpus,
     scp_arrivals,
     sent_index,
@@ -162,4 +163,51 @@ def test_kill9_single_pieces_while_relaying(tmp_path: Path, hermes, scp) -> None
     print(f"{dups} duplicate(s) after {kills} single-piece kills")
     assert dups <= kills * (BATCH + 2)
     assert not h.all_errors()
+    h.stop()
+
+
+@pytest.mark.timeout(420)
+def test_kill9_with_everything_on(tmp_path: Path, hermes, scp, storescp) -> None:
+    """kill -9 with the moving parts that have their own crash recovery all in use: two
+    receiver processes on one port, series-level hold (pending/), two associations per
+    destination, fan-out to a scripted SCP and a DCMTK storescp."""
+    seed = int(os.environ.get("HERMES_E2E_SEED", str(time.time_ns() % 10**6)))
+    print(f"HERMES_E2E_SEED={seed}")
+    rng = random.Random(seed)
+    fast = Dest("fast", options={"batch_size": BATCH, "max_associations": 2})
+    store = Dest("store", ae_title="STORESCP", options={"batch_size": BATCH})
+    rules = ('[[rules]]\nname = "whole series"\nlevel = "series"\nquiet_for = "1s"\n'
+             'to = ["fast", "store"]\n')
+    h = hermes([fast, store], rules=rules, receiver={"processes": 2})
+    peer = scp(fast)
+    dcmtk = storescp(store)
+    files = make_corpus(tmp_path / "corpus", 400, per_series=40)
+    sent = sent_index(files)
+    uid_of = {p: str(ds.SOPInstanceUID) for p, ds in zip(files, sent.values(), strict=True)}
+
+    acked: set[str] = set()
+    kills = 3
+    for _ in range(kills):
+        h.start()
+        modality = h.send_async([p for p in files if uid_of[p] not in acked])
+        deadline = time.monotonic() + rng.uniform(0.5, 3.0)
+        while time.monotonic() < deadline and modality.proc.poll() is None:
+            time.sleep(0.02)
+        h.kill9()
+        acked |= modality.result().acked
+    h.start()
+    res = h.send([p for p in files if uid_of[p] not in acked])
+    acked |= res.acked
+    assert acked == set(sent), res.describe()
+
+    wait_delivered(lambda: peer.uids, acked, what="everything at 'fast'", hermes=h)
+    wait_delivered(lambda: dcmtk.uids() if len(dcmtk.files()) >= len(acked) else set(), acked,
+                   what="everything at 'store' (storescp)", hermes=h)
+    arrived = scp_arrivals(peer)
+    assert_delivered(sent, arrived, where="fast")
+    assert_delivered(sent, folder_arrivals(dcmtk.folder), where="store")
+    dups = duplicates(arrived)
+    print(f"{dups} duplicate(s) at 'fast' after {kills} kills")
+    assert dups <= kills * (2 * BATCH + 2)
+    assert not h.all_errors(), f"instances in error/ after crashes: {h.all_errors()[:3]}"
     h.stop()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hermes_py import __version__, log
-from hermes_py.config import DEFAULT_CONFIG, Settings, load
+from hermes_py.config import DEFAULT_CONFIG, ConfigError, Settings, load, parse
 from hermes_py.errors import HermesError
 from hermes_py.spool import Spool
 
@@ -141,6 +141,30 @@ def _unknown_dest(cfg: Settings, name: str) -> str:
     return f"unknown destination {name!r} in {cfg.path} (defined: {known})"
 
 
+def load_config(path: Path) -> Settings:
+    """Load rules.toml; a child of serve falls back to the last configuration serve ran.
+
+    Without this, a piece restarted after an invalid edit (a crash, a kill) would exit
+    on the file it cannot use and stay down, although serve and its siblings keep the
+    old rules running. The fallback is parsed with the real path, so relative spool
+    paths resolve the same; hot reload picks up the file once it is valid again.
+    """
+    try:
+        return load(path)
+    except ConfigError as e:
+        from hermes_py.supervisor import LAST_GOOD_ENV, SUPERVISED_ENV
+        fallback = os.environ.get(LAST_GOOD_ENV)
+        if not (os.environ.get(SUPERVISED_ENV) and fallback):
+            raise
+        try:
+            cfg = parse(Path(fallback).read_text(encoding="utf-8"), Path(path).resolve())
+        except (OSError, ConfigError):
+            raise e from None
+        logging.getLogger("hermes_py.cli").error(
+            "%s; running with the last valid configuration serve loaded", e)
+        return cfg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     verb = args.verb if args.verb != "rules" else f"rules-{args.rules_verb}"
@@ -150,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hermes_py.supervisor import child_setup
         child_setup()
     try:
-        cfg = load(args.config)
+        cfg = load_config(args.config)
         return _run(args, cfg)
     except HermesError as e:
         print(f"hermes-py: error: {e}", file=sys.stderr)

@@ -44,7 +44,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from hermes_py.config import Settings, load
+from hermes_py.config import Settings, parse
 from hermes_py.errors import HermesError
 from hermes_py.metrics import Counters, MetricsServer
 from hermes_py.spool import Spool, now_iso
@@ -53,6 +53,10 @@ LOG = logging.getLogger(__name__)
 
 # Environment marker: a child started by serve (see child_setup()).
 SUPERVISED_ENV = "HERMES_PY_SUPERVISOR_PID"
+# The text of the last rules.toml serve validated: a child restarted while the file on
+# disk is invalid starts with it instead of crash-looping (see cli.load_config).
+LAST_GOOD_ENV = "HERMES_PY_LAST_GOOD_CONFIG"
+LAST_GOOD_FILE = "config.last-good.toml"
 STATE_FILE = "serve.json"
 
 RESTART_MIN = 1.0
@@ -140,6 +144,7 @@ class Supervisor:
         self._started_at = now_iso()
         self._out_lock = threading.Lock()
         self._metrics_url: str | None = None
+        self._remember_config()
 
     # ------------------------------------------------------------ children
 
@@ -160,6 +165,8 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         env = dict(os.environ)
         env[SUPERVISED_ENV] = str(os.getpid())
+        if (self.spool.state / LAST_GOOD_FILE).exists():
+            env[LAST_GOOD_ENV] = str(self.spool.state / LAST_GOOD_FILE)
         env["PYTHONUNBUFFERED"] = "1"
         # The child inherits a blocked SIGHUP until child_setup() ignores it: a reload
         # signal forwarded while it starts must not kill it. Ours is only delayed.
@@ -320,14 +327,31 @@ class Supervisor:
     def _on_hup(self, signum: int, frame: object) -> None:
         self._reload = True
 
+    def _remember_config(self, text: str | None = None) -> None:
+        """Keep the text of the configuration we run, for children restarted later."""
+        try:
+            if text is None:
+                text = self.cfg.path.read_text(encoding="utf-8")
+                parse(text, self.cfg.path)  # the file may have changed since cli loaded it
+            for d in (self.spool.state, self.spool.tmp):
+                d.mkdir(parents=True, exist_ok=True)
+            self.spool.write_bytes_atomic(self.spool.state / LAST_GOOD_FILE, text.encode())
+        except (OSError, UnicodeDecodeError, HermesError) as e:
+            LOG.warning("cannot keep a copy of the running configuration: %s", e)
+
     def reload(self) -> None:
         """SIGHUP: apply an edited rules.toml without dropping what works."""
         self._reload = False
         try:
-            new = load(self.cfg.path)
+            text = self.cfg.path.read_text(encoding="utf-8")
+            new = parse(text, self.cfg.path)
+        except (OSError, UnicodeDecodeError) as e:
+            LOG.error("reload: keeping the running configuration: %s: %s", self.cfg.path, e)
+            return
         except HermesError as e:
             LOG.error("reload: keeping the running configuration: %s", e)
             return
+        self._remember_config(text)
         old = self.cfg
         self.cfg = new
         self.spool = Spool(new.spool.path)

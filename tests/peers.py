@@ -82,8 +82,10 @@ def in_ci() -> bool:
 
 def require_tool(name: str) -> str:
     """Path of a peer binary; skip where missing, but fail in CI (a missing peer is a bug)."""
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}")
-                                  else None)
+    # The system's DCMTK/Orthanc first: an activated venv puts pynetdicom's own
+    # storescp/storescu/echoscu (other options) earlier on PATH.
+    system = [p for p in (f"/usr/bin/{name}", f"/usr/sbin/{name}") if os.path.exists(p)]
+    path = system[0] if system else shutil.which(name)
     if path:
         return path
     msg = f"{name} not installed (apt-get install {'orthanc' if name == 'Orthanc' else 'dcmtk'})"

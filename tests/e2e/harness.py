@@ -208,11 +208,6 @@ class Modality:
             statuses.setdefault(uid, "<no answer>")
         return SendResult(self.proc.returncode, statuses, text, err)
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
 
 # ---------------------------------------------------------------- instances
 

@@ -211,7 +211,7 @@ def test_piece_restarted_after_invalid_edit_still_serves(tmp_path: Path, hermes,
     sent = sent_index(files)
     res = h.send(files)
     assert res.acked == set(sent), res.describe()
-    wait_delivered(lambda: peer.uids, set(sent), timeout=90,
+    wait_delivered(lambda: peer.uids, set(sent), timeout=60,
                    what="routing after the router was restarted with an invalid rules.toml "
                         "on disk", hermes=h)
     assert_delivered(sent, scp_arrivals(peer), where="pacs")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tests.e2e.harness import (
     assert_delivered,
     duplicates,
     folder_arrivals,
+    group_members,
     make_corpus,
     scp_arrivals,
     sent_index,
@@ -210,4 +212,41 @@ def test_kill9_with_everything_on(tmp_path: Path, hermes, scp, storescp) -> None
     print(f"{dups} duplicate(s) at 'fast' after {kills} kills")
     assert dups <= kills * (2 * BATCH + 2)
     assert not h.all_errors(), f"instances in error/ after crashes: {h.all_errors()[:3]}"
+    h.stop()
+
+
+@pytest.mark.timeout(300)
+def test_kill9_of_serve_alone_children_follow_and_restart_works(tmp_path: Path, hermes,
+                                                                scp) -> None:
+    """kill -9 of the supervisor only (an OOM killer's choice): its children must not live
+    on as orphans holding the port, the claims or the locks; a new serve starts at once and
+    everything acknowledged arrives."""
+    dest = Dest("pacs", options={"batch_size": BATCH})
+    h = hermes([dest])
+    peer = scp(dest, Script(delay=0.005))
+    files = make_corpus(tmp_path / "corpus", 300)
+    sent = sent_index(files)
+    uid_of = {p: str(ds.SOPInstanceUID) for p, ds in zip(files, sent.values(), strict=True)}
+    h.start()
+    modality = h.send_async(files)
+    wait_for(lambda: peer.count() >= 20 or modality.proc.poll() is not None, 120,
+             what="the relay to be under way")
+    assert h.proc is not None
+    pgid = h.proc.pid
+    h._mark("kill -9 of serve alone")
+    os.kill(pgid, signal.SIGKILL)
+    h.proc.wait()
+    h.proc = None
+    acked = set(modality.result().acked)
+    wait_for(lambda: not group_members(pgid), 30,
+             what="serve's children to exit after their parent was killed")
+    h.start()
+    res = h.send([p for p in files if uid_of[p] not in acked])
+    acked |= res.acked
+    assert acked == set(sent), res.describe()
+    wait_delivered(lambda: peer.uids, acked, what="every acknowledged instance", hermes=h)
+    arrived = scp_arrivals(peer)
+    assert_delivered(sent, arrived, where="pacs")
+    assert duplicates(arrived) <= BATCH + 2
+    assert not h.all_errors()
     h.stop()

@@ -10,6 +10,7 @@ Scenario 7: give_up_after expires while a destination is down: error/<dest>/ wit
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,26 @@ def test_give_up_after_then_retry(tmp_path: Path, hermes, scp) -> None:
              what="error/flaky/ empty and everything in success/flaky/")
     h.stop()
 
+
+
+@pytest.mark.timeout(180)
+def test_hold_then_release(tmp_path: Path, hermes, scp) -> None:
+    """``hermes-py hold NAME`` while serve runs: instances keep queueing, nothing is sent;
+    ``release NAME``: the queue drains."""
+    dest = Dest("pacs")
+    h = hermes([dest])
+    peer = scp(dest)
+    files = make_corpus(tmp_path / "corpus", 20)
+    sent = sent_index(files)
+    h.start()
+    r = h.cli("hold", "pacs")
+    assert r.returncode == 0, r.stderr
+    assert h.send(files).acked == set(sent)
+    wait_for(lambda: h.queued("pacs") == len(sent), 60, what="everything queued while held")
+    time.sleep(3)  # several dispatcher polls: a held destination must still get nothing
+    assert peer.count() == 0, f"{peer.count()} instance(s) sent to a held destination"
+    r = h.cli("release", "pacs")
+    assert r.returncode == 0, r.stderr
+    wait_delivered(lambda: peer.uids, set(sent), what="the queue after release", hermes=h)
+    assert_delivered(sent, scp_arrivals(peer), where="pacs")
+    h.stop()

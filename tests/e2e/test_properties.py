@@ -9,6 +9,11 @@ Conditions (``hermes_py.config.Condition``): the semantics a rules.toml author r
 an exact pattern is equality, '*' holds for any value, a list is "any of", ignore_case is
 case-insensitivity, a multi-valued element holds when one of its values does, and a
 missing element never holds.
+
+Rules engine (``hermes_py.rules.evaluate``): an instance goes to the union of the
+destinations of every matching rule, once each; a matching discard rule wins; an instance
+no rule routes is discarded with a reason, never lost; the recorded decision reads back as
+the same decision (crash recovery finishes it as recorded).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from hermes_py.config import Condition
+from hermes_py.config import Condition, Rule
+from hermes_py.rules import Decision, evaluate, pending_key
 from hermes_py.spool import is_name, new_name, received_at, sanitize
 
 pytestmark = pytest.mark.e2e
@@ -161,3 +167,87 @@ def test_multi_valued_holds_when_one_value_does(values: list[str], pattern: str)
 @given(st.from_regex(r"[A-Z]{1,3}", fullmatch=True), VALUE)
 def test_regex_is_search(regex: str, value: str) -> None:
     assert cond(regex=regex).holds(value) == (re.search(regex, value) is not None)
+
+
+# ---------------------------------------------------------------- the rules engine
+
+DESTS = ("pacs", "archive", "ai")
+KEYS = ("Modality", "PatientID", "CallingAE")
+KEY_VALUES = st.sampled_from(["CT", "MR", "ct", "OT", "P1", "P2", "CT1", "", "*"])
+
+
+@st.composite
+def conditions(draw: st.DrawFn) -> Condition:
+    key = draw(st.sampled_from(KEYS))
+    pats = tuple(draw(st.lists(st.sampled_from(["CT", "MR", "C*", "P?", "*", "OT", "CT1"]),
+                               min_size=1, max_size=2)))
+    return Condition(key=key, patterns=pats, ignore_case=draw(st.booleans()))
+
+
+@st.composite
+def rule_sets(draw: st.DrawFn) -> list[Rule]:
+    out = []
+    for i in range(draw(st.integers(min_value=0, max_value=4))):
+        discard = draw(st.booleans()) and draw(st.booleans())  # ~1 in 4
+        out.append(Rule(
+            name=f"r{i}",
+            match=tuple(draw(st.lists(conditions(), max_size=2))),
+            exclude=tuple(draw(st.lists(conditions(), max_size=1))),
+            to=() if discard else tuple(draw(st.lists(st.sampled_from(DESTS), min_size=1,
+                                                      max_size=2, unique=True))),
+            action="discard" if discard else "route",
+            level=draw(st.sampled_from(["instance", "instance", "series"])),
+            priority=draw(st.sampled_from(["normal", "urgent"])),
+        ))
+    return out
+
+
+@st.composite
+def header_values(draw: st.DrawFn) -> dict[str, str | None]:
+    vals: dict[str, str | None] = {k: draw(st.one_of(st.none(), KEY_VALUES)) for k in KEYS}
+    vals["SeriesInstanceUID"] = draw(st.one_of(st.just("1.2.3"), HOSTILE))
+    vals["StudyInstanceUID"] = "1.2"
+    return vals
+
+
+def expected_match(rule: Rule, values: dict[str, str | None]) -> bool:
+    return (all(c.holds(values.get(c.key)) for c in rule.match)
+            and not any(c.holds(values.get(c.key)) for c in rule.exclude))
+
+
+@settings(max_examples=400, deadline=None)
+@given(rule_sets(), header_values())
+def test_rules_engine_routes_to_the_union_of_matching_rules(rule_list: list[Rule],
+                                                            values: dict[str, str | None]) -> None:
+    d = evaluate(rule_list, values)
+    matched = [r for r in rule_list if expected_match(r, values)]
+    assert set(d.rules) == {r.name for r in matched}, "match = all hold, exclude = none holds"
+    if any(r.action == "discard" for r in matched):
+        assert d.discard and d.discarded_by in {r.name for r in matched}
+        assert not d.all_destinations
+        return
+    want = {dest for r in matched for dest in r.to}
+    assert set(d.all_destinations) == want, "every matching rule applies"
+    assert len(d.all_destinations) == len(set(d.all_destinations)), "once per destination"
+    if not matched:
+        assert d.discard and d.discarded_by is None, "unmatched goes to discard/, never lost"
+    for h in d.holds:
+        assert h.key and "/" not in h.key and h.key not in (".", ".."), h.key
+        assert not set(h.destinations) & set(d.destinations), "held and sent at once"
+    # What the router records before linking is what it finishes after a crash.
+    back = Decision.from_routing(d.to_routing("2026-11-28T00:00:00Z"))
+    assert dict(back.destinations) == dict(d.destinations)
+    assert [(h.key, dict(h.destinations)) for h in back.holds] == \
+        [(h.key, dict(h.destinations)) for h in d.holds]
+    assert back.discard == d.discard
+
+
+@settings(max_examples=300, deadline=None)
+@given(HOSTILE, st.sampled_from(["series", "study"]),
+       # rule names come from TOML: any Unicode scalar, never a lone surrogate
+       st.text(alphabet=st.characters(exclude_categories=["Cs"]), min_size=1))
+def test_pending_key_is_one_path_component(uid: str, level: str, rule_name: str) -> None:
+    key = pending_key(rule_name, level, uid)
+    assert key and "/" not in key and "\0" not in key and key not in (".", "..")
+    assert (SPOOL / key).parent == SPOOL
+    assert key == pending_key(rule_name, level, uid)

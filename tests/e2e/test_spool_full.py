@@ -9,7 +9,10 @@ resumes once space is free.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +20,9 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
+from hermes_py.spool import new_name, now_iso
 from tests.e2e.harness import (
     Dest,
     Hermes,
@@ -28,6 +33,7 @@ from tests.e2e.harness import (
     sent_index,
     wait_delivered,
 )
+from tests.peers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
@@ -59,14 +65,30 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def spool_instances(h: Hermes) -> list[Path]:
-    """Every instance a stage can see (tmp/ excluded: it is nobody's until renamed)."""
+def spool_instances(h: Hermes, drop: bool = False) -> dict[Path, Dataset]:
+    """Every instance a stage can see (tmp/ excluded: it is nobody's until renamed), read.
+
+    A dispatcher probing a down destination moves instances between its outbox and its
+    claim folder meanwhile: one that moved is skipped here, so callers poll.
+    """
     s = h.spool
-    out = []
+    paths: list[Path] = []
     for folder in (s.incoming, s.pending, s.outgoing, s.active):
         if folder.is_dir():
-            out += folder.rglob("*.dcm")
+            paths += folder.rglob("*.dcm")
+    if drop and s.drop.is_dir():
+        paths += [p for p in s.drop.rglob("*") if p.is_file()]
+    out = {}
+    for p in paths:
+        try:
+            out[p] = dcmread(p)
+        except FileNotFoundError:
+            continue
     return out
+
+
+def uids_in(instances: dict[Path, Dataset]) -> set[str]:
+    return {str(ds.SOPInstanceUID) for ds in instances.values()}
 
 
 @pytest.mark.timeout(300)
@@ -92,16 +114,13 @@ def test_spool_fills_on_a_small_filesystem(tmp_path: Path, small_fs: Path, herme
         f"what was not stored must be answered 0xA700 (Out of Resources): {res.describe()}")
 
     # Nothing acknowledged lost, nothing visible half-written.
-    visible = spool_instances(h)
-    seen: set[str] = set()
-    for p in visible:
-        ds = dcmread(p)
+    wait_for(lambda: acked <= uids_in(spool_instances(h)), 30, interval=0.3,
+             what="every acknowledged instance complete in the spool")
+    for p, ds in spool_instances(h).items():
         uid = str(ds.SOPInstanceUID)
         assert uid in acked, f"{p} holds {uid}, which the modality was refused for"
         why = difference(sent[uid], ds)
         assert why is None, f"{p} is not what was sent: {why}"
-        seen.add(uid)
-    assert acked <= seen, f"acknowledged but not in the spool: {sorted(acked - seen)[:3]}"
 
     # Space comes back: the modality's retry of the refused ones is accepted.
     filler.unlink()
@@ -129,7 +148,8 @@ def test_min_free_mb_refuses_then_resumes(tmp_path: Path, hermes, scp) -> None:
     res = h.send(files)
     assert res.with_status(0xA700) == set(sent), (
         f"below min_free_mb every C-STORE must be refused with 0xA700: {res.describe()}")
-    assert not spool_instances(h), f"refused instances in the spool: {h.spool_listing()}"
+    assert not spool_instances(h, drop=True), (
+        f"refused instances in the spool: {h.spool_listing()}")
     h.stop()
     assert peer.count() == 0
 
@@ -141,4 +161,76 @@ def test_min_free_mb_refuses_then_resumes(tmp_path: Path, hermes, scp) -> None:
     wait_delivered(lambda: peer.uids, set(sent), what="delivery once space is available",
                    hermes=h)
     assert_delivered(sent, scp_arrivals(peer), where="pacs")
+    h.stop()
+
+
+def fill_up(path: Path) -> None:
+    """Grow ``path`` until the filesystem refuses another byte."""
+    with open(path, "ab", buffering=0) as f:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1 << 9, 1):
+            while True:
+                try:
+                    f.write(b"\x5a" * size)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    break
+
+
+@pytest.mark.timeout(240)
+def test_router_and_intake_on_a_full_disk(tmp_path: Path, small_fs: Path, hermes, scp) -> None:
+    """The disk fills after instances were received but before they were routed, and
+    while files sit in drop/: routing and intake wait for space, never quarantine or drop
+    anything because of it, and finish once space is back."""
+    dest = Dest("pacs")
+    h = hermes([dest], spool_dir=small_fs / "spool")
+    files = make_corpus(tmp_path / "corpus", 10, rows=64, cols=64)
+    sent = sent_index(files)
+    h.start()
+
+    # Staged on the same filesystem while there is room: five instances exactly as the
+    # receiver publishes them (sidecar per docs/internals.md, then the .dcm), five files
+    # a person drops.
+    staging = small_fs / "staging"
+    staging.mkdir()
+    published = []
+    for p, (uid, ds) in zip(files[:5], list(sent.items())[:5], strict=True):
+        name = new_name(uid)
+        sidecar = {"name": name, "sop_instance_uid": uid, "sop_class_uid": str(ds.SOPClassUID),
+                   "transfer_syntax": str(ds.file_meta.TransferSyntaxUID), "source": "network",
+                   "received_at": now_iso(), "calling_ae": "MODALITY", "called_ae": "HERMES",
+                   "peer_address": "127.0.0.1", "peer_port": 1, "size": p.stat().st_size}
+        (staging / f"{name}.json").write_text(json.dumps(sidecar))
+        shutil.copyfile(p, staging / f"{name}.dcm")
+        published.append(name)
+    for i, p in enumerate(files[5:]):
+        shutil.copyfile(p, staging / f"dropped{i}.dcm")
+
+    routers = set(h.children("route"))
+    assert routers, "no route child found under serve"
+    fill_up(small_fs / "filler.bin")
+    for name in published:
+        os.rename(staging / f"{name}.json", h.spool.incoming / f"{name}.json")
+        os.rename(staging / f"{name}.dcm", h.spool.incoming / f"{name}.dcm")
+    for i in range(5):
+        os.rename(staging / f"dropped{i}.dcm", h.spool.drop / f"dropped{i}.dcm")
+
+    # Give router and intake several passes (rescan 1s, stable_for 1s) on the full disk.
+    time.sleep(6)
+    assert h.running, "serve died on a full disk"
+    assert set(h.children("route")) == routers, (
+        "the router crashed on a full disk (serve restarted it); it must wait for space")
+    assert not h.all_errors(), (
+        f"a full disk is no reason for error/: {[p.name for p in h.all_errors()]}")
+    wait_for(lambda: uids_in(spool_instances(h, drop=True)) == set(sent), 30, interval=0.3,
+             what="all ten instances still in the spool (incoming/, drop/ or queued)")
+    for p, ds in spool_instances(h, drop=True).items():
+        why = difference(sent[str(ds.SOPInstanceUID)], ds)
+        assert why is None, f"{p} damaged on a full disk: {why}"
+
+    (small_fs / "filler.bin").unlink()
+    peer = scp(dest)
+    wait_delivered(lambda: peer.uids, set(sent), what="everything once space is back", hermes=h)
+    assert_delivered(sent, scp_arrivals(peer), where="pacs")
+    assert not h.all_errors()
     h.stop()

@@ -8,7 +8,9 @@
   week of deliveries each pass would not be. Without a sidecar, the .dcm's
   mtime counts. The .dcm goes first: a crash in between leaves an orphan
   sidecar, which the next pass removes.
-- tmp/ files older than ``tmp_max_age`` belong to dead writers (spool.sweep_tmp).
+- tmp/ files older than ``tmp_max_age`` belong to dead writers, and a stage's own
+  ``tmp/<owner>/`` goes whole once its owner is dead (spool.sweep_tmp: the owner's
+  flock tells).
 - Orphan sidecars (a .json whose .dcm is gone: a crash between the two renames
   of a move) are removed only after being seen orphaned, unchanged, on two
   passes at least ORPHAN_GRACE apart. Age alone is not safe: in an outbox a

@@ -26,8 +26,9 @@ What it promises, and how:
   speed. Only a failure of one instance (0xA7xx on it, the association dying
   while it was in flight) pushes out that instance's own next attempt (its
   sidecar's mtime).
-- Each answered instance is moved at once, so a crash resends at most the
-  batch in flight (at-least-once delivery).
+- Answered instances are moved to success/ a few at a time (their sidecars
+  share one flush, see ``_delivered``) and at the latest when their batch
+  ends, so a crash resends at most the batch in flight (at-least-once delivery).
 - Flags from admin commands: ``state/NAME.hold`` = send nothing (checked between
   instances), ``state/NAME.flush`` = everything due now, backoff forgotten, once.
 """
@@ -55,7 +56,7 @@ from hermes_py.config import DestinationSettings, RetryPolicy, Settings
 from hermes_py.destinations.base import Destination, Item
 from hermes_py.errors import HermesError
 from hermes_py.outcomes import LinkFailure, Outcome, Result, escalate
-from hermes_py.spool import DCM, Spool, Worker, now_iso, received_at
+from hermes_py.spool import DCM, JSON, Spool, Worker, Writes, now_iso, received_at
 
 LOG = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ SUCCESS_WRITE_EVERY = 5.0  # last_success in the state file lags at most this mu
 RESCAN_EVERY = 5.0       # candidate list refreshed at least this often
 HISTORY_MAX = 200        # attempts kept in a sidecar (first one + the latest)
 PROBE_BATCH = 1          # instances tried while a destination is backed off
+SUCCESS_FLUSH_COUNT = 32   # delivered instances whose success/ sidecars share one flush
+SUCCESS_FLUSH_AGE = 0.25   # ... or the oldest of them waited this long (at the next answer)
 
 STATE_OK = "ok"
 STATE_BACKOFF = "backoff"
@@ -322,12 +325,25 @@ class Picker:
 
 
 @dataclass
+class _Delivered:
+    """An answered instance whose move to success/ waits for the next flush."""
+
+    item: Item
+    sidecar: dict[str, Any]
+    result: Result
+
+
+@dataclass
 class Slot:
     """One worker thread's own things: claim area, destination object (own AE)."""
 
     worker: Worker
     dest: Destination
     sidecars: dict[Path, dict[str, Any]] = field(default_factory=dict)
+    # success/ sidecars written (not yet flushed) and the instances they belong to
+    writes: Writes | None = None
+    delivered: list[_Delivered] = field(default_factory=list)
+    delivered_since: float = 0.0
 
 
 class Dispatcher:
@@ -361,6 +377,7 @@ class Dispatcher:
             return
         Worker.recover(self.spool, self.name)
         self._last_recover = time.time()
+        self.spool.use_private_tmp()  # sidecar temps never queue behind other stages' creates
         for _ in range(self.settings.max_associations):
             w = Worker(self.spool, self.name)
             w.start()
@@ -379,6 +396,7 @@ class Dispatcher:
             slot.dest.close()
         if self._upkeep_worker is not None:
             self._upkeep_worker.stop()
+        self.spool.release_private_tmp()
         self.slots = []
         self._upkeep_worker = None
         self._started = False
@@ -558,6 +576,11 @@ class Dispatcher:
         finally:
             if probe:
                 self.state.end_probe()
+            try:
+                self._flush_delivered(slot)
+            except OSError:
+                LOG.exception("dispatcher %s: cannot record delivered instances in success/; "
+                              "they go back to the outbox and are sent again", self.name)
             self._return_leftovers(slot)
             slot.sidecars.clear()
 
@@ -651,11 +674,7 @@ class Dispatcher:
                 if result.warnings:
                     d["warnings"] = list(d.get("warnings") or []) + result.warnings
                 d["next_attempt"] = None
-                self.spool.move(item.path, self.spool.success_dir(self.name), sidecar=d)
-                log.event(LOG, "sent", item.sop_instance_uid, self.name,
-                          status=result.status_hex, ts=result.delivered_as,
-                          attempts=d["attempts"], size=d.get("size"),
-                          warning="; ".join(result.warnings) if result.warnings else None)
+                self._delivered(slot, item, d, result, now)
             elif outcome is Outcome.TRANSIENT:
                 if self._expired(d, now):
                     why = (f"gave up after {fmt_duration(self.retry.give_up_after)} "
@@ -679,6 +698,51 @@ class Dispatcher:
                       self.name, item.path)
         finally:
             slot.sidecars.pop(item.path, None)
+
+    def _delivered(self, slot: Slot, item: Item, d: dict[str, Any], result: Result,
+                   now: float) -> None:
+        """Queue the move to success/: its sidecar is written now, fsynced with the others'.
+
+        A success/ sidecar is written like any other (temp, fsync, rename), but
+        one fsync per delivered instance was a third of the dispatcher's time,
+        and every fsync is a journal commit that the receiver's and router's
+        creates wait for. So answered instances share one flush
+        (``spool.Writes``), taken when SUCCESS_FLUSH_COUNT wait, when an answer
+        comes SUCCESS_FLUSH_AGE or more after the first waiting one, and when the
+        batch ends. Until then they stay claimed in active/: a crash sends them
+        again, which is at-least-once within the batch in flight (DESIGN.md
+        invariant 3), as before.
+        """
+        if slot.writes is None:
+            slot.writes = self.spool.writes()
+        if not slot.delivered:
+            slot.delivered_since = now
+        slot.writes.write_json(self.spool.success_dir(self.name) / (item.name + JSON), d)
+        slot.delivered.append(_Delivered(item, d, result))
+        if (len(slot.delivered) >= SUCCESS_FLUSH_COUNT
+                or now - slot.delivered_since >= SUCCESS_FLUSH_AGE):
+            self._flush_delivered(slot)
+
+    def _flush_delivered(self, slot: Slot) -> None:
+        """The queued success/ sidecars durable, then their instances moved beside them."""
+        pending, slot.delivered = slot.delivered, []
+        if not pending:
+            return
+        assert slot.writes is not None
+        slot.writes.commit()  # on failure nothing moved: the claims go back to the outbox
+        folder = self.spool.success_dir(self.name)
+        for p in pending:
+            item, d, result = p.item, p.sidecar, p.result
+            try:
+                self.spool.move_written(item.path, folder)
+            except FileNotFoundError:
+                LOG.error("destination %s: %s vanished from its claim while being recorded",
+                          self.name, item.path)
+                continue
+            log.event(LOG, "sent", item.sop_instance_uid, self.name,
+                      status=result.status_hex, ts=result.delivered_as,
+                      attempts=d["attempts"], size=d.get("size"),
+                      warning="; ".join(result.warnings) if result.warnings else None)
 
     def _defer(self, slot: Slot, item: Item, failure: LinkFailure, delay: float) -> None:
         """Not sent because the destination failed as a whole: back to the queue, due as

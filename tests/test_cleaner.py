@@ -87,6 +87,33 @@ def test_sweeps_stale_tmp_files(make_settings) -> None:
     assert not stale.exists() and fresh.exists()
 
 
+def test_sweeps_dead_stages_tmp_folders_never_a_live_ones_lock(make_settings) -> None:
+    """A stage's own tmp/<owner>/ goes whole when its owner died; a live owner's folder
+    and lock file stay however old they are (only its stale files go)."""
+    cfg = cfg_with(make_settings)
+    s = Spool(cfg.spool.path)
+    code = ("import os, sys\nfrom hermes_py.spool import Spool\n"
+            "s = Spool(sys.argv[1]); s.use_private_tmp()\n"
+            "s.tmp_path('.dcm').write_bytes(b'half')\nprint(s.tmp_dir.name)\nos._exit(9)\n")
+    dead = subprocess.run([sys.executable, "-c", code, str(s.root)], capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+    assert dead and (s.tmp / dead).is_dir()
+    live = Spool(cfg.spool.path)
+    own = live.use_private_tmp()
+    try:
+        lock = s.tmp / f"{own.name}.lock"
+        kept = live.tmp_path(".json")
+        kept.write_bytes(b"x")
+        for p in (lock, own):
+            os.utime(p, (time.time() - 7200,) * 2)  # older than tmp_max_age, yet alive
+        assert clean_once(cfg).tmp == 1  # the dead stage's half instance
+        assert not (s.tmp / dead).exists() and not (s.tmp / f"{dead}.lock").exists()
+        assert lock.exists() and own.is_dir() and kept.exists()
+    finally:
+        live.release_private_tmp()
+    assert os.listdir(s.tmp) == []
+
+
 def test_orphan_sidecars_go_only_after_two_passes(make_settings) -> None:
     cfg = cfg_with(make_settings)
     s = Spool(cfg.spool.path)

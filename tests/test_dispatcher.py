@@ -26,11 +26,12 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from hermes_py.config import RetryPolicy, Settings
-from hermes_py.destinations.dicom import DicomDestination
-from hermes_py.dispatcher import Dispatcher, backoff_delay
+from hermes_py.destinations.dicom import BUSY_LOOP_DELAY, DicomDestination
+from hermes_py.dispatcher import SUCCESS_FLUSH_COUNT, Dispatcher, backoff_delay
 from hermes_py.negotiation import plan
 from hermes_py.spool import Spool
 from tests.dicomgen import compressed_instance, dataset_bytes, make_instance
@@ -490,6 +491,62 @@ def test_stop_between_instances_returns_every_claim(make_settings) -> None:
         assert 5 <= len(delivered(cfg, "pacs")) < 100
 
 
+def _temp_files(spool: Spool) -> list[Path]:
+    """Temp files anywhere under tmp/ (owner folders' .lock files are the layout)."""
+    return [p for p in spool.tmp.rglob("*")
+            if p.is_file() and not (p.parent == spool.tmp and p.name.endswith(".lock"))]
+
+
+def test_delivered_instances_are_recorded_in_shared_flushes(make_settings) -> None:
+    """More than two flushes' worth in one batch: every instance ends in success/ with
+    its full sidecar, nothing stays claimed, no temp file is left."""
+    n = 2 * SUCCESS_FLUSH_COUNT + 5
+    with ScriptedSCP() as scp:
+        cfg = make_settings(dest_toml("pacs", scp.port, batch_size=200))
+        uids = series(cfg, "pacs", n)
+        d = Dispatcher(cfg, "pacs")
+        try:
+            assert d.run_once() == n
+        finally:
+            d.close()
+        assert scp.uids == set(uids) and scp.count() == n
+    spool = Spool(cfg.spool.path)
+    done = sidecars(spool.success_dir("pacs"))
+    assert sorted(sc["sop_instance_uid"] for sc in done) == sorted(uids)
+    assert all(sc["delivered_at"] and sc["attempts"] == 1 and sc["next_attempt"] is None
+               for sc in done)
+    assert not active(cfg, "pacs") and not queued(cfg, "pacs")
+    assert not list((spool.active / "pacs").rglob("*.json"))
+    assert _temp_files(spool) == []
+
+
+def test_delivered_but_unrecordable_goes_back_to_the_outbox(make_settings) -> None:
+    """If success/ cannot be written, the sent instances are not lost or stuck: they
+    return to the outbox (and are sent again later: at-least-once)."""
+    with ScriptedSCP() as scp:
+        cfg = make_settings(dest_toml("pacs", scp.port))
+        uids = series(cfg, "pacs", 3)
+        spool = Spool(cfg.spool.path)
+        d = Dispatcher(cfg, "pacs")
+        try:
+            d.start()
+            spool.success_dir("pacs").rmdir()
+            spool.success_dir("pacs").write_text("not a folder")  # every rename into it fails
+            assert d.run_once() == 3
+            assert scp.count() == 3
+            assert sorted(sc["sop_instance_uid"] for sc in sidecars(spool.outbox("pacs"))) \
+                == sorted(uids)
+            assert not active(cfg, "pacs")
+            spool.success_dir("pacs").unlink()
+            spool.success_dir("pacs").mkdir()
+            assert d.run_once() == 3
+        finally:
+            d.close()
+        assert scp.count() == 6 and scp.uids == set(uids)
+    assert len(delivered(cfg, "pacs")) == 3 and not queued(cfg, "pacs")
+    assert _temp_files(spool) == []
+
+
 def test_scu_socket_has_nodelay_and_the_stall_guard(make_settings) -> None:
     with ScriptedSCP() as scp:
         cfg = make_settings(dest_toml("pacs", scp.port))
@@ -502,6 +559,9 @@ def test_scu_socket_has_nodelay_and_the_stall_guard(make_settings) -> None:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             assert "_serve_request" in vars(assoc)  # patched on this object only
             assert assoc.requestor.ae_title == "HERMES"
+            # its DUL polls fast; pynetdicom's default (1 ms) is left alone for others
+            assert assoc.dul._run_loop_delay == BUSY_LOOP_DELAY < 0.001
+            assert DULServiceProvider(assoc)._run_loop_delay == 0.001
         finally:
             assoc.release()
 

@@ -68,7 +68,14 @@ def incoming(r: Receiver) -> list[Path]:
 
 
 def tmp_files(spool: Spool) -> list[str]:
-    return sorted(os.listdir(spool.tmp))
+    """Temp files in spool/tmp, the receiver's own tmp/<owner>/ included; the owner
+    folders and their .lock files are the layout, not leftovers."""
+    out = []
+    for root, _dirs, files in os.walk(spool.tmp):
+        top = Path(root) == spool.tmp
+        out += [os.path.relpath(os.path.join(root, f), spool.tmp) for f in files
+                if not (top and f.endswith(".lock"))]
+    return sorted(out)
 
 
 def sidecar(dcm: Path) -> dict[str, Any]:
@@ -316,6 +323,31 @@ def test_max_associations(make_receiver: Any) -> None:
     wait_for(another_gets_in, interval=0.2, what="a new association after the release")
 
 
+def test_busy_associations_poll_fast_idle_ones_relax(make_receiver: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's DUL sleeps 1 ms per empty loop; an association that is receiving
+    polls every BUSY_LOOP_DELAY, one left idle gets the 1 ms back. Per association:
+    pynetdicom's own default stays what it was."""
+    monkeypatch.setattr(receiver_mod, "LOOP_RELAX_AFTER", 0.3)
+    r = make_receiver()
+    f = dicomgen.save(dicomgen.make_instance(16, 16), tmp_path / "a.dcm")
+    ae = scu_ae([f])
+    with chunked_send():
+        assoc = ae.associate(LOOPBACK, r.port, ae_title="HERMES")
+        assert assoc.is_established
+        try:
+            assert int(assoc.send_c_store(f).Status) == 0
+            (ours,) = r._ae.active_associations
+            assert ours.dul._run_loop_delay == receiver_mod.BUSY_LOOP_DELAY < 0.001
+            assert assoc.dul._run_loop_delay == 0.001  # another AE's association: untouched
+            wait_for(lambda: ours.dul._run_loop_delay == receiver_mod.IDLE_LOOP_DELAY,
+                     what="the idle association to poll at 1 ms again")
+            assert int(assoc.send_c_store(f).Status) == 0
+            assert ours.dul._run_loop_delay == receiver_mod.BUSY_LOOP_DELAY
+        finally:
+            assoc.release()
+
+
 def test_port_probes_do_not_use_up_associations(make_receiver: Any) -> None:
     """A bare TCP connect (health check) must not hold a slot for acse_timeout (60 s here)."""
     r = make_receiver("max_associations = 1\nacse_timeout = 60")
@@ -501,7 +533,10 @@ def test_connection_dropped_mid_instance_leaves_nothing(make_receiver: Any, tmp_
     if cut == "inside_pdu":
         raw.send([raw.pdus[half][: len(raw.pdus[half]) // 2]])
     # the partial instance is being written into spool/tmp (not the system temp dir)
-    wait_for(lambda: any(r.spool.tmp.iterdir()), what="a partial temp file in spool/tmp")
+    wait_for(lambda: tmp_files(r.spool) != [], what="a partial temp file in spool/tmp")
+    # in the receiver's own folder, which its flock marks as alive
+    assert [Path(f).parent for f in tmp_files(r.spool)] == [r.spool.tmp_dir.relative_to(
+        r.spool.tmp)]
     raw.drop()
     wait_for(lambda: tmp_files(r.spool) == [], what="the partial temp file to be removed")
     assert list(r.spool.incoming.iterdir()) == []
@@ -667,8 +702,8 @@ def test_sigterm_lets_an_inflight_store_finish(make_settings: Any, tmp_path: Pat
         raw = RawStore(port, big)
         half = len(raw.pdus) // 2
         raw.send(raw.pdus[:half])
-        tmp = cfg.spool.path / "tmp"
-        wait_for(lambda: any(tmp.iterdir()), what="the transfer to start")
+        spool = Spool(cfg.spool.path)
+        wait_for(lambda: tmp_files(spool) != [], what="the transfer to start")
         proc.send_signal(15)
 
         def refused() -> bool:

@@ -311,6 +311,38 @@ def test_series_hold_release_and_late_instance(tmp_path: Path) -> None:
         assert (sp.outbox("a") / f"{n}.dcm").stat().st_nlink == 2
 
 
+def test_outbox_that_cannot_be_linked_into_loses_nothing_and_is_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b's outbox is broken (a file where the folder should be): instances routed at once
+    to a are unaffected, b's released batch stays in pending/ (nothing lost, nothing
+    half-done), and once the outbox is back the release is finished."""
+    monkeypatch.setattr(router, "RESCAN_INTERVAL", 0.5)
+    env = Env(tmp_path, SERIES_RULES.replace("{quiet}", "300ms"))
+    sp = env.spool
+    series = generate_uid()
+    with running(env.cfg):
+        sp.outbox("b", URGENT).rmdir()
+        sp.outbox("b").rmdir()
+        sp.outbox("b").write_text("not a folder")
+        names = {env.publish(make_instance(16, 16, series_uid=series, instance_number=i))
+                 for i in range(3)}
+        wait(lambda: env.names(sp.outbox("a")) == names and env.incoming_empty(),
+             what="the instances to reach a")
+
+        def releasing() -> list[Path]:
+            return [p for p in sp.pending.iterdir() if router.RELEASING in p.name]
+        wait(lambda: len(releasing()) == 1, what="the batch to be released (and fail)")
+        time.sleep(1.0)  # several retries
+        assert env.names(releasing()[0]) == names
+        sp.outbox("b").unlink()
+        sp.outbox("b").mkdir()
+        wait(lambda: env.names(sp.outbox("b")) == names, what="the retried release")
+        wait(lambda: not any(os.scandir(sp.pending)), what="pending/ to be empty")
+    for n in names:
+        assert env.sidecar(sp.outbox("b"), n)["hold"]["batch"].startswith("series_")
+        assert (sp.outbox("a") / f"{n}.dcm").stat().st_nlink == 2
+
+
 def test_held_batch_survives_restart(tmp_path: Path) -> None:
     env = Env(tmp_path, SERIES_RULES.replace("{quiet}", "1h"))
     sp = env.spool

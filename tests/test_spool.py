@@ -184,3 +184,119 @@ def test_sweep_tmp_removes_only_stale(tmp_path: Path) -> None:
     fresh.write_bytes(b"in progress")
     assert s.sweep_tmp(3600) == 1
     assert fresh.exists() and not old.exists()
+
+
+def test_private_tmp_is_per_owner_and_released(tmp_path: Path) -> None:
+    s = Spool(tmp_path)
+    s.ensure()
+    assert s.tmp_dir == s.tmp
+    own = s.use_private_tmp()
+    assert own.parent == s.tmp and s.tmp_dir == own and s.use_private_tmp() == own
+    assert s.tmp_path(".json").parent == own
+    other = Spool(tmp_path)  # another stage in the same process: its own folder
+    assert other.use_private_tmp() != own
+    s.write_json(s.incoming / "x.json", {"a": 1})  # temps go through the own folder
+    left = s.tmp_path(".json")
+    left.write_bytes(b"nobody renamed this")
+    s.release_private_tmp()
+    assert not own.exists() and not (s.tmp / f"{own.name}.lock").exists()
+    assert s.tmp_dir == s.tmp
+    other.release_private_tmp()
+    assert os.listdir(s.tmp) == []
+
+
+def test_sweep_tmp_removes_a_dead_owners_folder_whole(tmp_path: Path) -> None:
+    """A kill -9'd stage's folder goes at the next sweep, fresh files included; a live
+    owner's folder loses only what is older than max_age."""
+    s = Spool(tmp_path)
+    s.ensure()
+    code = textwrap.dedent(f"""
+        import os
+        from hermes_py.spool import Spool
+        s = Spool({str(tmp_path)!r})
+        s.use_private_tmp()
+        s.tmp_path(".dcm").write_bytes(b"half an instance")
+        print(s.tmp_dir.name, flush=True)
+        os._exit(9)  # no release: as kill -9 leaves it
+    """)
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+    assert dead and len(list((s.tmp / dead).iterdir())) == 1
+    live = Spool(tmp_path)
+    own = live.use_private_tmp()
+    fresh, stale = live.tmp_path(".dcm"), live.tmp_path(".json")
+    fresh.write_bytes(b"being written")
+    stale.write_bytes(b"forgotten")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert s.sweep_tmp(3600) == 2
+    assert not (s.tmp / dead).exists() and not (s.tmp / f"{dead}.lock").exists()
+    assert fresh.exists() and not stale.exists()
+    assert (s.tmp / f"{own.name}.lock").exists()  # the live owner keeps its lock
+    live.release_private_tmp()
+
+
+def test_writes_change_nothing_until_commit_then_everything(tmp_path: Path) -> None:
+    s = Spool(tmp_path)
+    s.ensure(["a"])
+    targets = [s.outbox("a") / f"{i}.json" for i in range(sp.SYNCFS_MIN_FILES + 3)]
+    targets[0].write_text('{"old": true}')
+    w = s.writes()
+    for i, t in enumerate(targets):
+        w.write_json(t, {"i": i})
+    assert len(w) == len(targets) and w.targets == targets
+    assert s.read_json(targets[0]) == {"old": True} and not targets[1].exists()
+    w.rollback(len(targets) - 1)  # the last one is forgotten
+    w.commit()
+    assert [s.read_json(t).get("i") for t in targets[:-1]] == list(range(len(targets) - 1))
+    assert not targets[-1].exists() and len(w) == 0
+    assert os.listdir(s.tmp) == []
+    w.write_json(s.outbox("a") / "gone.json", {})
+    w.discard()
+    assert not (s.outbox("a") / "gone.json").exists() and os.listdir(s.tmp) == []
+
+
+def test_writes_commit_failure_leaves_no_temp(tmp_path: Path) -> None:
+    s = Spool(tmp_path)
+    s.ensure(["a"])
+    w = s.writes()
+    w.write_json(s.outbox("a") / "ok.json", {"ok": 1})
+    w.write_json(s.root / "missing" / "x.json", {"x": 1})  # its rename fails
+    w.write_json(s.outbox("a") / "after.json", {"after": 1})
+    with pytest.raises(FileNotFoundError):
+        w.commit()
+    assert s.read_json(s.outbox("a") / "ok.json") == {"ok": 1}
+    assert not (s.outbox("a") / "after.json").exists()
+    assert os.listdir(s.tmp) == [] and len(w) == 0
+
+
+def test_fsync_all_many_files_and_folders(tmp_path: Path) -> None:
+    files = []
+    for i in range(sp.SYNCFS_MIN_FILES * 2):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(b"x")
+        files.append(f)
+    sp.fsync_all(files, [tmp_path, tmp_path])
+    with pytest.raises(FileNotFoundError):  # a file that is not there is an error, not skipped
+        sp.fsync_all([tmp_path / "nope"])
+
+
+def test_sync_files_stops_using_syncfs_while_it_is_slow(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """syncfs writes out the whole filesystem: on one shared with a busy writer it is slow,
+    and the spool falls back to plain fsyncs for a while (they alone are the promise)."""
+    s = Spool(tmp_path)
+    files = []
+    for i in range(sp.SYNCFS_MIN_FILES):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(b"x")
+        files.append(f)
+    monkeypatch.setattr(sp, "SYNCFS_SLOW", 0.0)  # any syncfs counts as slow
+    s.sync_files(files)
+    paused_until = s._syncfs_after
+    assert paused_until > time.monotonic() + sp.SYNCFS_PAUSE / 2
+    s.sync_files(files)  # fsyncs only: the pause is not extended by a syncfs
+    assert s._syncfs_after == paused_until
+    monkeypatch.setattr(sp, "SYNCFS_SLOW", 3600.0)
+    s._syncfs_after = 0.0
+    s.sync_files(files)
+    assert s._syncfs_after == 0.0

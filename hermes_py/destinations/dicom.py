@@ -22,7 +22,8 @@ Why each piece is here:
   Only our own association objects are patched, never the class.
 - ``connection_timeout`` so a black-holed host costs seconds, not minutes;
   ``TCP_NODELAY`` on our socket (pynetdicom never sets it; with Nagle and the
-  peer's delayed ACK every small C-STORE stalls ~40 ms); message IDs that
+  peer's delayed ACK every small C-STORE stalls ~40 ms); a 0.1 ms DUL poll on
+  our associations (``BUSY_LOOP_DELAY``) instead of 1 ms; message IDs that
   increment per association; the calling AE title from the destination.
 - An association that drops mid-batch is re-opened and only what was not
   answered is sent again; the instance in flight is a per-instance transient
@@ -59,6 +60,11 @@ MAX_PDU = 262144
 # This many transient statuses in a row on one association = the destination is busy as a
 # whole (disk full, database down): back it off instead of cycling the backlog through it.
 TRANSIENT_RUN = 3
+# pynetdicom's DUL thread sleeps _run_loop_delay (1 ms) after every loop that found
+# nothing to do, so each C-STORE waited up to 1 ms for its PDUs to be picked up from the
+# send queue and again for the response to be noticed. Our associations live for one
+# batch and are busy throughout, so 0.1 ms costs little (~8 % of a core while open).
+BUSY_LOOP_DELAY = 0.0001
 
 
 def configure_pynetdicom() -> None:
@@ -90,6 +96,13 @@ def _return_stolen_responses(assoc: Association) -> None:
         original(msg, context_id)
 
     assoc._serve_request = serve  # type: ignore[method-assign]
+
+
+def _fast_loop(assoc: Association) -> None:
+    """This association's DUL polls every BUSY_LOOP_DELAY (its own object, not the class)."""
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = BUSY_LOOP_DELAY
 
 
 def _set_nodelay(assoc: Association) -> bool:
@@ -173,6 +186,7 @@ class DicomDestination(Destination):
         def on_open(event: evt.Event) -> None:
             opened.set()
             _set_nodelay(event.assoc)
+            _fast_loop(event.assoc)  # the negotiation is quicker too
 
         t0 = time.monotonic()
         assoc = self.ae.associate(s.host, s.port, contexts=contexts, ae_title=s.ae_title,

@@ -213,18 +213,35 @@ class Lock:
         self._fd: int | None = None
 
     def acquire(self, blocking: bool = False) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
+        """Take the lock; False if a live holder has it.
+
+        A lock file whose holder died may be unlinked by whoever reaps it (recover,
+        sweep_tmp) between our open and our flock: then we would hold a lock on a
+        file nobody else can see, and the next reaper would create a fresh file,
+        lock it and take us for dead. So after flock we check the path still names
+        the file we locked, and start again if not.
+        """
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                st = os.fstat(fd)
+                try:
+                    now = os.stat(self.path)
+                    same = (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+                except FileNotFoundError:
+                    same = False
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                self._fd = fd
+                return True
             os.close(fd)
-            return False
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return True
 
     @property
     def held(self) -> bool:

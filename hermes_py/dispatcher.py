@@ -704,10 +704,10 @@ class Dispatcher:
         """Queue the move to success/: its sidecar is written now, fsynced with the others'.
 
         A success/ sidecar is written like any other (temp, fsync, rename), but
-        one fsync per delivered instance was a third of the dispatcher's time,
-        and every fsync is a journal commit that the receiver's and router's
-        creates wait for. So answered instances share one flush
-        (``spool.Writes``), taken when SUCCESS_FLUSH_COUNT wait, when an answer
+        fsyncing each as it was written was a third of the dispatcher's time,
+        and every such fsync is a journal commit that the receiver's and
+        router's creates wait for. So answered instances are fsynced together
+        (``spool.Writes``), when SUCCESS_FLUSH_COUNT wait, when an answer
         comes SUCCESS_FLUSH_AGE or more after the first waiting one, and when the
         batch ends. Until then they stay claimed in active/: a crash sends them
         again, which is at-least-once within the batch in flight (DESIGN.md

@@ -19,10 +19,12 @@ over: nothing was linked) or a recorded one, which a restart finishes AS RECORDE
 whose instance already moved on (active/, success/, error/). So each instance ends
 in every matched outbox exactly once. Each step runs over a chunk of instances
 before the next starts, so the fsyncs of a step are taken together
-(``spool.Writes``: one shared flush of the chunk's temps, then the renames): two
-flushes and a few folder fsyncs per chunk instead of two fsyncs per instance,
-which were most of the router's time and slowed the receiver and dispatchers
-too (every fsync is a journal commit that their creates and renames wait for).
+(``spool.Writes``: the chunk's temps written, fsynced one after the other behind
+one syncfs that wrote them all out, then renamed). A chunk then costs a few
+journal commits instead of two per instance: those were most of the router's
+time and slowed the receiver and dispatchers too (their creates and renames
+wait for every commit). Instances that trickle in are let collect for GATHER
+seconds first, or every chunk would hold one instance.
 
 Series/study rules hold instances in ``pending/<key>/`` (hard links too). The
 batch is released when nothing joined it for ``quiet_for``: the folder is renamed
@@ -596,9 +598,8 @@ class Router:
 
         The chunk's sidecars and headers are read in ONE worker-thread call, and
         its writes go through two ``Writes`` batches (decisions, then outbox
-        sidecars), so a chunk costs two shared flushes instead of two fsyncs per
-        instance, in the same order as before: decisions durable, then links
-        durable, then the incoming copies go.
+        sidecars), each fsynced together, in the same order as before:
+        decisions durable, then links durable, then the incoming copies go.
         """
         commit = _Commit()
         loaded = await asyncio.to_thread(_load_chunk, paths, self.keywords)

@@ -697,11 +697,12 @@ class Writes:
 
     Each target still goes through "write temp, fsync, rename" (DESIGN.md
     invariant 2: never seen empty or half-written, even after a power loss);
-    only the fsyncs are taken together in :meth:`commit` (``fsync_all``), which
-    makes a chunk of instances cost about one journal commit instead of one per
-    file. Until ``commit`` returns no target has changed, so a caller that
-    needs "these before those" commits in that order. The targets' folders are
-    the caller's to fsync (it usually has more entries to make durable there).
+    only the fsyncs are taken together in :meth:`commit` (``sync_files``: one
+    syncfs writes them all out, then each is fsynced), which makes a chunk of
+    instances cost about one journal commit instead of one per file. Until
+    ``commit`` returns no target has changed, so a caller that needs "these
+    before those" commits in that order. The targets' folders are the caller's
+    to fsync (it usually has more entries to make durable there).
     """
 
     def __init__(self, spool: Spool) -> None:

@@ -39,7 +39,9 @@ from hermes_py.spool import (
     copy_into_tmp,
     fsync_dir,
     is_name,
+    next_attempt_of,
     now_iso,
+    parse_iso,
     received_at,
     sanitize,
 )
@@ -82,15 +84,6 @@ def _stamp(t: float) -> str:
 
 def _iso(t: float | None) -> str | None:
     return None if t is None else now_iso(t)
-
-
-def _parse_iso(value: object) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def human_age(seconds: float | None) -> str:
@@ -153,13 +146,8 @@ def _tally(folder: Path, into: _Tally, bounds: list[str], now: float | None) -> 
             # bounds ascend (oldest first): a name newer than all of them is bucket 0
             # (at most 5 min old), one older than all of them the last (1280+ min)
             into.buckets[len(bounds) - bisect.bisect_right(bounds, name[:_STAMP])] += 1
-            if now is not None:
-                try:
-                    na = os.stat(e.path[: -len(DCM)] + JSON).st_mtime
-                except FileNotFoundError:
-                    na = 0.0
-                if na <= now:
-                    into.due += 1
+            if now is not None and next_attempt_of(e.path) <= now:
+                into.due += 1
 
 
 def _count_dcm(folder: Path) -> int:
@@ -351,7 +339,7 @@ def _error_text(err: object, now: float, width: int = 70) -> str:
     parts = [str(err[k]) for k in ("kind", "class", "status", "reason", "detail")
              if err.get(k)]
     text = ": ".join(dict.fromkeys(parts)) or "-"
-    at = _parse_iso(err.get("at"))
+    at = parse_iso(err.get("at"))
     if at is not None:
         text = f"{human_age(now - at)} ago: {text}"
     return text if len(text) <= width else text[: width - 3] + "..."

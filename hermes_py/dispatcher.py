@@ -44,7 +44,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -56,7 +55,7 @@ from hermes_py.config import DestinationSettings, RetryPolicy, Settings
 from hermes_py.destinations.base import Destination, Item
 from hermes_py.errors import HermesError
 from hermes_py.outcomes import LinkFailure, Outcome, Result, escalate
-from hermes_py.spool import DCM, JSON, Spool, Worker, Writes, now_iso, received_at
+from hermes_py.spool import DCM, JSON, Spool, Worker, Writes, now_iso, parse_iso, received_at
 
 LOG = logging.getLogger(__name__)
 
@@ -77,15 +76,6 @@ STATE_MISCONFIGURED = "misconfigured"
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def parse_iso(value: object) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def fmt_duration(seconds: float) -> str:

@@ -106,6 +106,16 @@ def received_at(name: str) -> float | None:
     return dt.timestamp()
 
 
+def parse_iso(value: object) -> float | None:
+    """Epoch seconds from a sidecar timestamp written by now_iso; None if absent or bad."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def now_iso(t: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if t is None else t, UTC).isoformat(
         timespec="milliseconds").replace("+00:00", "Z")
@@ -577,13 +587,8 @@ class Spool:
             c.queued += 1
             if oldest_name is None or e.name < oldest_name:
                 oldest_name = e.name
-            if now is not None:
-                try:
-                    na = os.stat(e.path[: -len(DCM)] + JSON).st_mtime
-                except FileNotFoundError:
-                    na = 0.0
-                if na <= now:
-                    c.due += 1
+            if now is not None and next_attempt_of(e.path) <= now:
+                c.due += 1
         if oldest_name:
             c.oldest = received_at(oldest_name)
         return c
@@ -844,6 +849,14 @@ class Worker:
             LOG.warning("destination %s: returned %d instance(s) claimed by a dead worker to "
                         "the outbox", dest, returned)
         return returned
+
+
+def next_attempt_of(dcm_path: str) -> float:
+    """An outbox entry's next-attempt time: its sidecar's mtime (0 = due, no sidecar)."""
+    try:
+        return os.stat(dcm_path[: -len(DCM)] + JSON).st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def disk_full(err: OSError) -> bool:

@@ -1,7 +1,8 @@
 """Ages out what is finished, sweeps what crashes leave behind; never touches error/.
 
-- success/<dest>/ entries older than ``[spool] keep_success`` and discard/
-  entries older than ``keep_discard`` are deleted. Age is the sidecar's mtime:
+- copies in a stage with a ``keep`` (lifecycle.StageFacts: success/<dest>/ after
+  ``[spool] keep_success``, discard/ after ``keep_discard``) are deleted. Age is
+  the sidecar's mtime:
   the dispatcher writes a fresh sidecar when it moves an instance into
   success/ (so the mtime is the delivery time, the same instant as
   ``delivered_at``) and a stat is all it costs, where parsing every JSON of a
@@ -13,26 +14,25 @@
   flock tells).
 - Orphan sidecars (a .json whose .dcm is gone: a crash between the two renames
   of a move) are removed only after being seen orphaned, unchanged, on two
-  passes at least ORPHAN_GRACE apart. Age alone is not safe: in an outbox a
-  sidecar's mtime is a retry time, not an age, and every move renames the .dcm
-  a moment before its .json, so a one-pass sweep could delete the sidecar of
-  an instance that is merely being claimed. error/ and active/ are never
-  swept (error/ is the admin's; active/ is Worker.recover's).
+  passes at least ORPHAN_GRACE apart, in the stages marked ``swept``. Age alone
+  is not safe: in an outbox a sidecar's mtime is a retry time, not an age, and
+  every move renames the .dcm a moment before its .json, so a one-pass sweep
+  could delete the sidecar of an instance that is merely being claimed. error/
+  and active/ are never swept (error/ is the admin's; active/ is Worker.recover's).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from hermes_py.config import Settings
-from hermes_py.spool import DCM, JSON, Spool
+from hermes_py.lifecycle import Stage
+from hermes_py.process import stop_on_signals
+from hermes_py.spool import Spool
 
 LOG = logging.getLogger(__name__)
 
@@ -60,15 +60,22 @@ class Cleaner:
         self.spool = Spool(cfg.spool.path)
         self.orphan_grace = orphan_grace
         # path -> (inode, mtime, first seen orphaned)
-        self._suspects: dict[str, tuple[int, float, float]] = {}
+        self._suspects: dict[Path, tuple[int, float, float]] = {}
 
     def clean_once(self, now: float | None = None) -> CleanReport:
         now = time.time() if now is None else now
         s = self.spool
         r = CleanReport()
-        for folder in _subdirs(s.success):
-            r.success += self._age_out(folder, self.cfg.spool.keep_success, now)
-        r.discard = self._age_out(s.discard, self.cfg.spool.keep_discard, now)
+        for st in Stage:
+            keep = st.facts.keep
+            if keep is None:
+                continue
+            seconds = float(getattr(self.cfg.spool, keep))
+            removed = sum(s.remove_older(p.path, seconds, now) for p in s.places(st))
+            if st is Stage.SUCCESS:
+                r.success += removed
+            else:
+                r.discard += removed
         r.tmp = s.sweep_tmp(self.cfg.spool.tmp_max_age, now)
         r.orphans = self._orphans(now)
         if r.total:
@@ -78,76 +85,24 @@ class Cleaner:
                      r.tmp, r.orphans)
         return r
 
-    def _age_out(self, folder: Path, keep: float, now: float) -> int:
-        removed = 0
-        for e in list(self.spool.scan(folder)):
-            js = e.path[: -len(DCM)] + JSON
-            try:
-                try:
-                    t = os.stat(js).st_mtime
-                except FileNotFoundError:
-                    t = e.stat().st_mtime
-                if now - t <= keep:
-                    continue
-                os.unlink(e.path)
-                removed += 1
-                try:
-                    os.unlink(js)
-                except FileNotFoundError:
-                    pass
-            except FileNotFoundError:
-                continue  # someone (an admin) moved it meanwhile
-            except OSError as err:
-                LOG.warning("cannot remove %s: %s", e.path, err)
-        return removed
-
-    def _orphan_folders(self) -> list[Path]:
-        s = self.spool
-        out = [s.incoming, s.discard]
-        for dest in _subdirs(s.outgoing):
-            out += [dest, dest / "urgent"]
-        out += _subdirs(s.success)
-        return out
-
     def _orphans(self, now: float) -> int:
         removed = 0
-        seen: dict[str, tuple[int, float, float]] = {}
-        for folder in self._orphan_folders():
-            try:
-                entries = list(os.scandir(folder))
-            except FileNotFoundError:
+        seen: dict[Path, tuple[int, float, float]] = {}
+        for st in Stage:
+            if not st.facts.swept:
                 continue
-            for e in entries:
-                if not e.name.endswith(JSON) or e.name.startswith("."):
-                    continue
-                dcm = e.path[: -len(JSON)] + DCM
-                try:
-                    if os.path.exists(dcm):
-                        continue
-                    st = e.stat()
-                except FileNotFoundError:
-                    continue
-                prev = self._suspects.get(e.path)
-                if prev and prev[0] == st.st_ino and prev[1] == st.st_mtime:
-                    if now - prev[2] >= self.orphan_grace and not os.path.exists(dcm):
-                        try:
-                            os.unlink(e.path)
-                            removed += 1
-                        except FileNotFoundError:
-                            pass
-                        continue
-                    seen[e.path] = prev
-                else:
-                    seen[e.path] = (st.st_ino, st.st_mtime, now)
+            for place in self.spool.places(st):
+                for path, stat in self.spool.orphan_sidecars(place.path):
+                    prev = self._suspects.get(path)
+                    if prev and prev[0] == stat.st_ino and prev[1] == stat.st_mtime:
+                        if now - prev[2] >= self.orphan_grace:
+                            removed += self.spool.remove_orphan_sidecar(path, prev[0], prev[1])
+                            continue
+                        seen[path] = prev
+                    else:
+                        seen[path] = (stat.st_ino, stat.st_mtime, now)
         self._suspects = seen
         return removed
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    try:
-        return sorted(Path(e.path) for e in os.scandir(folder) if e.is_dir())
-    except FileNotFoundError:
-        return []
 
 
 def clean_once(cfg: Settings, now: float | None = None) -> CleanReport:
@@ -158,12 +113,7 @@ def clean_once(cfg: Settings, now: float | None = None) -> CleanReport:
 def run(cfg: Settings) -> int:
     """``hermes-py clean``: a pass every CLEAN_EVERY seconds until SIGTERM/SIGINT."""
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(stop)
     Spool(cfg.spool.path).ensure()
     cleaner = Cleaner(cfg)
     LOG.info("cleaner: keep success %gs, discard %gs; every %gs", cfg.spool.keep_success,

@@ -8,16 +8,21 @@ spool) comes out as one line and exit code 2, the same for every verb.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hermes_py import __version__, log
+from hermes_py import __version__, log, process
 from hermes_py.config import DEFAULT_CONFIG, ConfigError, Settings, load, parse
 from hermes_py.errors import HermesError
 from hermes_py.spool import Spool
+
+if TYPE_CHECKING:
+    from hermes_py.admin import Result
 
 EXIT_USAGE = 2
 
@@ -39,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add("serve", "run receiver, router, dispatchers and cleaner under one supervisor")
     add("receive", "run only the C-STORE/C-ECHO receiver")
-    add("route", "run only the router (incoming/ and drop/ -> outboxes)")
+    add("intake", "run only the drop-folder intake (drop/ -> incoming/)")
+    add("route", "run only the router (incoming/ -> outboxes)")
     d = add("dispatch", "run only the dispatcher of one destination")
     d.add_argument("name", help="destination name from rules.toml")
     add("clean", "run only the cleaner (old success/ and discard/ entries, stale temp files)")
@@ -89,56 +95,79 @@ def _run(args: argparse.Namespace, cfg: Settings) -> int:
     if v == "receive":
         from hermes_py import receiver
         return receiver.run(cfg)
+    if v == "intake":
+        from hermes_py import intake
+        return intake.run(cfg)
     if v == "route":
         from hermes_py import router
         return router.run(cfg)
     if v == "dispatch":
-        if args.name not in cfg.destinations:
-            raise HermesError(_unknown_dest(cfg, args.name))
+        cfg.destination(args.name)
         from hermes_py import dispatcher
         return dispatcher.run(cfg, args.name)
     if v == "clean":
         from hermes_py import cleaner
         return cleaner.run(cfg)
-    if v == "rules":
-        from hermes_py import rules
-        if args.rules_verb == "check":
-            return rules.check(cfg)
-        return rules.dry_run(cfg, args.files)
-
-    from hermes_py import admin
     name = getattr(args, "name", None)
     if name and v in ("retry", "hold", "release", "flush", "echo", "purge") \
             and name not in cfg.destinations:
         # A destination removed from rules.toml may still have instances in error/<name>/.
         on_disk = Spool(cfg.spool.path).error_dir(name).is_dir()
         if v not in ("retry", "purge") or not on_disk:
-            raise HermesError(_unknown_dest(cfg, name))
-    if v == "status":
-        return admin.status(cfg, as_json=args.json)
-    if v == "find":
-        return admin.find(cfg, args.uid, as_json=args.json)
-    if v == "retry":
-        return admin.retry(cfg, None if args.all else args.name, study=args.study)
-    if v == "hold":
-        return admin.hold(cfg, args.name)
-    if v == "release":
-        return admin.release(cfg, args.name)
-    if v == "flush":
-        return admin.flush(cfg, args.name)
-    if v == "purge":
-        return admin.purge(cfg, args.where, args.name, study=args.study,
-                           older_than=args.older_than, everything=args.all, yes=args.yes)
+            cfg.destination(name)
     if v == "echo":
-        return admin.echo(cfg, None if args.all else args.name)
+        return _echo(cfg, None if args.all else args.name)
+    return _show(_admin(args, cfg), getattr(args, "json", False))
+
+
+def _admin(args: argparse.Namespace, cfg: Settings) -> Result:
+    """The admin verb's result (admin/ owns what each verb does and says)."""
+    from hermes_py.admin import find, queue, rules_verbs, send, status
+    v = args.verb
+    if v == "rules":
+        if args.rules_verb == "check":
+            return rules_verbs.check(cfg)
+        return rules_verbs.dry_run(cfg, args.files)
+    if v == "status":
+        return status.status(cfg)
+    if v == "find":
+        return find.find(cfg, args.uid)
+    if v == "retry":
+        return queue.retry(cfg, None if args.all else args.name, study=args.study)
+    if v == "hold":
+        return queue.hold(cfg, args.name)
+    if v == "release":
+        return queue.release(cfg, args.name)
+    if v == "flush":
+        return queue.flush(cfg, args.name)
+    if v == "purge":
+        return queue.purge(cfg, args.where, args.name, study=args.study,
+                           older_than=args.older_than, everything=args.all, yes=args.yes)
     if v == "send":
-        return admin.send(cfg, args.paths, progress=not args.no_progress)
+        return send.send(cfg, args.paths, progress=not args.no_progress)
     raise HermesError(f"unknown verb {v!r}")
 
 
-def _unknown_dest(cfg: Settings, name: str) -> str:
-    known = ", ".join(sorted(cfg.destinations)) or "none defined"
-    return f"unknown destination {name!r} in {cfg.path} (defined: {known})"
+def _show(result: Result, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2, default=str))
+    else:
+        print(result.text())
+    return result.exit_code
+
+
+def _echo(cfg: Settings, name: str | None) -> int:
+    """Probe each destination, printing each answer as it comes (a timeout takes seconds)."""
+    from hermes_py.admin import echo
+    names = echo.targets(cfg, name)
+    echo.quiet_pynetdicom()
+    width = max(len(n) for n in names)
+    failed = 0
+    for n in names:
+        answer = echo.probe_one(cfg, n)
+        failed += not answer.probe.ok
+        print(answer.line(width), flush=True)
+    return 1 if failed else 0
 
 
 def load_config(path: Path) -> Settings:
@@ -152,9 +181,8 @@ def load_config(path: Path) -> Settings:
     try:
         return load(path)
     except ConfigError as e:
-        from hermes_py.supervisor import LAST_GOOD_ENV, SUPERVISED_ENV
-        fallback = os.environ.get(LAST_GOOD_ENV)
-        if not (os.environ.get(SUPERVISED_ENV) and fallback):
+        fallback = os.environ.get(process.LAST_GOOD_ENV)
+        if not (process.supervised() and fallback):
             raise
         try:
             cfg = parse(Path(fallback).read_text(encoding="utf-8"), Path(path).resolve())
@@ -170,9 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb = args.verb if args.verb != "rules" else f"rules-{args.rules_verb}"
     log.setup(args.log_level, args.log_format,
               process=verb + (f":{args.name}" if verb == "dispatch" else ""))
-    if os.environ.get("HERMES_PY_SUPERVISOR_PID"):
-        from hermes_py.supervisor import child_setup
-        child_setup()
+    if process.supervised():
+        process.child_setup()
     try:
         cfg = load_config(args.config)
         return _run(args, cfg)

@@ -31,234 +31,52 @@ What it promises, and how:
   ends, so a crash resends at most the batch in flight (at-least-once delivery).
 - Flags from admin commands: ``state/NAME.hold`` = send nothing (checked between
   instances), ``state/NAME.flush`` = everything due now, backoff forgotten, once.
+
+The destination's reachability is ``destination_state.py``; the wire is the
+destination type's (``destinations``); this module owns the queue.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
-from pydicom.filereader import read_file_meta_info
-
-from hermes_py import destinations, log
-from hermes_py.config import DestinationSettings, RetryPolicy, Settings
+from hermes_py import destinations, dicomfile
+from hermes_py.config import Settings
+from hermes_py.destination_state import POLL, DestinationState, backoff_delay
 from hermes_py.destinations.base import Destination, Item
-from hermes_py.errors import HermesError
+from hermes_py.durations import fmt_duration
+from hermes_py.events import emit
+from hermes_py.lifecycle import DestinationStatus, Event
 from hermes_py.outcomes import LinkFailure, Outcome, Result, escalate
-from hermes_py.spool import DCM, JSON, Spool, Worker, Writes, now_iso, parse_iso, received_at
+from hermes_py.process import stop_on_signals
+from hermes_py.spool import (
+    DCM,
+    JSON,
+    Flag,
+    SidecarBatch,
+    Spool,
+    Worker,
+    now_iso,
+    parse_iso,
+    received_at,
+)
+from hermes_py.spool import sidecar as sc
 
 LOG = logging.getLogger(__name__)
 
-POLL = 0.5               # idle poll: new work, flags, backoff expiry
 RECOVER_EVERY = 30.0     # return dead workers' claims
 EXPIRE_EVERY = 60.0      # give_up_after sweep while the destination is unreachable
-HEARTBEAT_EVERY = 30.0   # state file rewritten at least this often (updated_at)
-SUCCESS_WRITE_EVERY = 5.0  # last_success in the state file lags at most this much
 RESCAN_EVERY = 5.0       # candidate list refreshed at least this often
-HISTORY_MAX = 200        # attempts kept in a sidecar (first one + the latest)
 PROBE_BATCH = 1          # instances tried while a destination is backed off
 SUCCESS_FLUSH_COUNT = 32   # delivered instances whose success/ sidecars share one flush
 SUCCESS_FLUSH_AGE = 0.25   # ... or the oldest of them waited this long (at the next answer)
-
-STATE_OK = "ok"
-STATE_BACKOFF = "backoff"
-STATE_MISCONFIGURED = "misconfigured"
-
-
-# ---------------------------------------------------------------- small helpers
-
-
-def fmt_duration(seconds: float) -> str:
-    """``250ms``, ``45s``, ``90s``, ``30m``, ``36h``, ``3d``: as one writes it in rules.toml."""
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
-        if seconds >= 2 * size or (seconds >= size and seconds % size == 0):
-            return f"{seconds / size:.3g}{unit}"
-    return f"{seconds:.3g}s"
-
-
-def backoff_delay(failures: int, retry: RetryPolicy, rng: random.Random) -> float:
-    """initial_delay * 2^(failures-1), at most max_delay, +-20 % jitter (never above max).
-
-    The jitter spreads a backlog that came due at once (after an outage) and
-    several dispatchers probing one destination.
-    """
-    base = min(retry.max_delay, retry.initial_delay * 2.0 ** min(max(failures - 1, 0), 60))
-    return min(retry.max_delay, base * rng.uniform(0.8, 1.2))
-
-
-# ---------------------------------------------------------------- destination state
-
-
-class DestinationState:
-    """Reachability of one destination, shared by the workers and written to state/NAME.json.
-
-    Several dispatcher processes may serve one destination: whoever wrote the
-    state file last is believed (``refresh``), so one process's backoff holds
-    the others back too and a success anywhere releases everyone.
-    """
-
-    def __init__(self, spool: Spool, dest: DestinationSettings, rng: random.Random):
-        self.spool = spool
-        self.dest = dest
-        self.path = spool.state_file(dest.name)
-        self.rng = rng
-        self.lock = threading.Lock()
-        self.state = STATE_OK
-        self.backoff_until: float | None = None
-        self.failures = 0
-        self.failed_at: float | None = None
-        self.last_error: dict[str, Any] | None = None
-        self.last_success: str | None = None
-        self._probing = False
-        self._written: str | None = None
-        self._written_at = 0.0
-        self.refresh(force=True)
-        # A (re)started dispatcher probes at once instead of sitting out a backoff a
-        # previous process chose: after an admin fixed an AE title and restarted, the
-        # queue should move now, not in max_delay.
-        self.backoff_until = None
-
-    # what the admin reads; docs/internals.md has this exact shape
-    def snapshot(self, now: float) -> dict[str, Any]:
-        return {
-            "destination": self.dest.name,
-            "state": self.state,
-            "backoff_until": self.backoff_until if self.state != STATE_OK else None,
-            "consecutive_failures": self.failures,
-            "last_error": self.last_error,
-            "last_success": self.last_success,
-            "updated_at": now_iso(now),
-        }
-
-    def _write(self, now: float) -> None:
-        snap = self.snapshot(now)
-        try:
-            self.spool.write_json(self.path, snap)
-        except OSError as e:  # a full disk must not stop deliveries
-            LOG.warning("destination %s: cannot write %s: %s", self.dest.name, self.path, e)
-            return
-        self._written = snap["updated_at"]
-        self._written_at = now
-
-    def refresh(self, force: bool = False) -> None:
-        """Adopt the state file if another process wrote it after our last write.
-
-        Read and compared under the lock, so a worker's write cannot slip in
-        between and be overwritten by an older file's content.
-        """
-        with self.lock:
-            data = self.spool.read_json(self.path)
-            stamp = data.get("updated_at")
-            if not data or not isinstance(stamp, str):
-                return
-            if not force and self._written is not None and stamp <= self._written:
-                return  # ours, or older than ours (ISO-8601 UTC strings sort by time)
-            st = data.get("state")
-            if st in (STATE_OK, STATE_BACKOFF, STATE_MISCONFIGURED):
-                self.state = st
-            bu = data.get("backoff_until")
-            self.backoff_until = float(bu) if isinstance(bu, int | float) else None
-            cf = data.get("consecutive_failures")
-            self.failures = int(cf) if isinstance(cf, int) else 0
-            le = data.get("last_error")
-            self.last_error = le if isinstance(le, dict) else None
-            ls = data.get("last_success")
-            self.last_success = ls if isinstance(ls, str) else None
-            if self.state != STATE_OK:
-                self.failed_at = parse_iso((self.last_error or {}).get("at")) or time.time()
-            self._written = stamp
-
-    def begin(self, now: float) -> tuple[float, bool]:
-        """(seconds to wait, is_probe). One probe at a time while in backoff."""
-        with self.lock:
-            if self.backoff_until is not None and self.backoff_until > now:
-                return self.backoff_until - now, False
-            if self.state == STATE_OK:
-                return 0.0, False
-            if self._probing:
-                return POLL, False
-            self._probing = True
-            return 0.0, True
-
-    def end_probe(self) -> None:
-        with self.lock:
-            self._probing = False
-
-    def failure(self, link: LinkFailure, now: float, queued: int) -> float:
-        """Back the destination off; returns the delay. Loud on change, and always when
-        misconfigured (someone must fix a config file)."""
-        with self.lock:
-            self._probing = False
-            self.failures += 1
-            if link.misconfigured:
-                new = STATE_MISCONFIGURED
-                delay = self.dest.retry.max_delay * self.rng.uniform(0.9, 1.0)
-            else:
-                new = STATE_BACKOFF
-                delay = backoff_delay(self.failures, self.dest.retry, self.rng)
-            changed = new != self.state
-            self.state = new
-            self.backoff_until = now + delay
-            self.failed_at = now
-            self.last_error = {"at": now_iso(now), "kind": str(link.kind), "detail": link.detail}
-            self._write(now)
-            failures = self.failures
-        name = self.dest.name
-        if link.misconfigured:
-            LOG.error("destination %s is MISCONFIGURED: %s. Keeping all %d queued instance(s); "
-                      "fix the AE titles/host/port in rules.toml or at the destination. "
-                      "Retrying in %s.", name, link, queued, fmt_duration(delay))
-        elif changed:
-            LOG.warning("destination %s is UNAVAILABLE: %s. Backing off (next probe in %s); "
-                        "%d instance(s) stay queued.", name, link, fmt_duration(delay), queued)
-        else:
-            LOG.info("destination %s still unavailable after %d attempt(s): %s; next probe "
-                     "in %s", name, failures, link, fmt_duration(delay))
-        return delay
-
-    def success(self, now: float, started_at: float) -> None:
-        """A destination answered. It only clears a backoff if the association that
-        answered was opened after the failure (an older one proves nothing new)."""
-        with self.lock:
-            self._probing = False
-            first = self.last_success is None
-            self.last_success = now_iso(now)
-            recovered = self.state != STATE_OK and (self.failed_at is None
-                                                    or started_at >= self.failed_at)
-            if recovered:
-                old, failures = self.state, self.failures
-                self.state = STATE_OK
-                self.failures = 0
-                self.backoff_until = None
-                self.failed_at = None
-            if recovered or first or now - self._written_at >= SUCCESS_WRITE_EVERY:
-                self._write(now)
-        if recovered:
-            LOG.warning("destination %s is AVAILABLE again (was %s, %d failed attempt(s)); "
-                        "draining the queue", self.dest.name, old, failures)
-
-    def flush(self, now: float) -> None:
-        with self.lock:
-            self.backoff_until = None
-            self._probing = False
-            self._write(now)
-
-    def heartbeat(self, now: float) -> None:
-        with self.lock:
-            if now - self._written_at >= HEARTBEAT_EVERY:
-                self._write(now)
 
 
 # ---------------------------------------------------------------- picking work
@@ -319,7 +137,7 @@ class _Delivered:
     """An answered instance whose move to success/ waits for the next flush."""
 
     item: Item
-    sidecar: dict[str, Any]
+    sidecar: sc.Sidecar
     result: Result
 
 
@@ -329,9 +147,9 @@ class Slot:
 
     worker: Worker
     dest: Destination
-    sidecars: dict[Path, dict[str, Any]] = field(default_factory=dict)
+    sidecars: dict[Path, sc.Sidecar] = field(default_factory=dict)
     # success/ sidecars written (not yet flushed) and the instances they belong to
-    writes: Writes | None = None
+    writes: SidecarBatch | None = None
     delivered: list[_Delivered] = field(default_factory=list)
     delivered_since: float = 0.0
 
@@ -341,12 +159,9 @@ class Dispatcher:
 
     def __init__(self, cfg: Settings, name: str, *, poll: float = POLL,
                  rng: random.Random | None = None):
-        if name not in cfg.destinations:
-            known = ", ".join(sorted(cfg.destinations)) or "none defined"
-            raise HermesError(f"unknown destination {name!r} (defined: {known})")
         self.cfg = cfg
         self.name = name
-        self.settings = cfg.destinations[name]
+        self.settings = cfg.destination(name)
         self.retry = self.settings.retry
         self.poll = poll
         self.rng = rng or random.Random()
@@ -375,9 +190,8 @@ class Dispatcher:
         self._upkeep_worker = Worker(self.spool, self.name)
         self._upkeep_worker.start()
         self._started = True
-        LOG.info("dispatcher %s: %d worker(s) -> %s@%s:%d (calling AE %s), state %s",
-                 self.name, len(self.slots), self.settings.ae_title, self.settings.host,
-                 self.settings.port, self.settings.calling_ae_title, self.state.state)
+        LOG.info("dispatcher %s: %d worker(s) -> %s, state %s", self.name, len(self.slots),
+                 destinations.describe(self.settings), self.state.state)
 
     def close(self) -> None:
         """Return unfinished claims (clean stop) and let go of the worker locks."""
@@ -429,27 +243,26 @@ class Dispatcher:
     # ------------------------------------------------------------ upkeep
 
     def held(self) -> bool:
-        return self.spool.hold_flag(self.name).exists()
+        return self.spool.has_flag(self.name, Flag.HOLD)
 
     def queued(self) -> int:
         return sum(1 for f in self.spool.outboxes(self.name) for _ in self.spool.scan(f))
 
     def upkeep(self, now: float) -> None:
         self.state.refresh()
-        flag = self.spool.flush_flag(self.name)
-        if flag.exists():
-            self._flush(now, flag)
+        if self.spool.has_flag(self.name, Flag.FLUSH):
+            self._flush(now)
         if now - self._last_recover >= RECOVER_EVERY:
             self._last_recover = now
             if Worker.recover(self.spool, self.name):
                 self.picker.invalidate()
-        if (self.state.state == STATE_BACKOFF and now - self._last_expire >= EXPIRE_EVERY
-                and not self.held()):
+        if (self.state.state == DestinationStatus.BACKOFF
+                and now - self._last_expire >= EXPIRE_EVERY and not self.held()):
             self._last_expire = now
             self.expire(now)
         self.state.heartbeat(now)
 
-    def _flush(self, now: float, flag: Path) -> None:
+    def _flush(self, now: float) -> None:
         n = 0
         for folder in self.spool.outboxes(self.name):
             for e in self.spool.scan(folder):
@@ -460,12 +273,10 @@ class Dispatcher:
                     continue
         self.state.flush(now)
         self.picker.invalidate()
-        try:
-            os.unlink(flag)
-        except FileNotFoundError:
-            pass
-        LOG.warning("destination %s: FLUSH requested: %d queued instance(s) due now, backoff "
-                    "cleared", self.name, n)
+        self.spool.clear_flag(self.name, Flag.FLUSH)
+        emit(LOG, Event.DESTINATION_FLUSHED, dest=self.name, level=logging.WARNING,
+             message=f"destination {self.name}: FLUSH requested: {n} queued instance(s) due "
+                     "now, backoff cleared", due=n)
 
     def expire(self, now: float) -> int:
         """Move what waited longer than give_up_after (since queued) to error/NAME/.
@@ -486,7 +297,7 @@ class Dispatcher:
                 rt = received_at(name)
                 if rt is not None and now - rt <= give_up:
                     continue
-                data = self.spool.read_json(Path(e.path[: -len(DCM)] + ".json"))
+                data = self.spool.read_sidecar(Path(e.path))
                 queued = parse_iso(data.get("queued_at")) or rt or now
                 if now - queued <= give_up:
                     continue
@@ -495,10 +306,9 @@ class Dispatcher:
                     continue
                 data = self.spool.read_sidecar(claimed) or data
                 last = self.state.last_error or {}
-                reason = (f"gave up after {fmt_duration(give_up)} (give_up_after) queued; "
-                          f"destination unreachable: {last.get('kind', '?')}: "
-                          f"{last.get('detail', '')}")
-                self._fail(claimed, data, reason, None)
+                why = self._gave_up(f"destination unreachable: {last.get('kind', '?')}: "
+                                    f"{last.get('detail', '')}")
+                self._fail(claimed, data, why, None, event=Event.GAVE_UP)
                 n += 1
         if n:
             self.picker.invalidate()
@@ -588,10 +398,8 @@ class Dispatcher:
             ts = str(data.get("transfer_syntax") or "")
             if not (sop and cls and ts):
                 try:
-                    meta = read_file_meta_info(path)
-                    sop = sop or str(meta.get("MediaStorageSOPInstanceUID", ""))
-                    cls = cls or str(meta.get("MediaStorageSOPClassUID", ""))
-                    ts = ts or str(meta.get("TransferSyntaxUID", ""))
+                    msop, mcls, mts = dicomfile.meta_uids(path)
+                    sop, cls, ts = sop or msop, cls or mcls, ts or mts
                 except Exception as e:  # anything pydicom raises on a broken file
                     self._fail(path, data, f"not a readable DICOM file: {type(e).__name__}: "
                                            f"{e}", None)
@@ -616,33 +424,16 @@ class Dispatcher:
 
     # ------------------------------------------------------------ recording outcomes
 
-    def _attempt(self, data: dict[str, Any], now: float, outcome: str, result: Result | None,
-                 reason: str, detail: str = "", scope: str | None = None) -> dict[str, Any]:
-        """The sidecar after one more attempt (a new dict; keys are never renamed)."""
-        d = dict(data)
-        d["destination"] = self.name
-        d["attempts"] = int(d.get("attempts") or 0) + 1
-        d["last_attempt"] = now_iso(now)
-        entry: dict[str, Any] = {"at": now_iso(now), "outcome": outcome,
-                                 "status": result.status_hex if result else None,
-                                 "reason": reason}
-        if detail:
-            entry["detail"] = detail
-        if scope:
-            entry["scope"] = scope
-        if result is not None and result.association:
-            entry["association"] = result.association
-        hist = list(d.get("history") or [])
-        hist.append(entry)
-        if len(hist) > HISTORY_MAX:
-            d["history_dropped"] = int(d.get("history_dropped") or 0) + len(hist) - HISTORY_MAX
-            hist = hist[:1] + hist[len(hist) - HISTORY_MAX + 1:]
-        d["history"] = hist
-        if outcome != Outcome.DELIVERED:
-            d["last_error"] = {"at": now_iso(now), "class": outcome,
-                               "status": result.status_hex if result else None,
-                               "reason": reason, "detail": detail}
-        return d
+    def _attempt(self, data: sc.Sidecar, now: float, outcome: str, result: Result | None,
+                 reason: str, detail: str = "", scope: str | None = None) -> sc.Sidecar:
+        return sc.attempted(data, self.name, now, outcome,
+                            status=result.status_hex if result else None, reason=reason,
+                            detail=detail, scope=scope,
+                            association=result.association if result else None)
+
+    def _gave_up(self, last: str) -> str:
+        return (f"gave up after {fmt_duration(self.retry.give_up_after)} (give_up_after) "
+                f"queued; {last}")
 
     def _record(self, slot: Slot, item: Item, result: Result) -> None:
         now = time.time()
@@ -659,28 +450,23 @@ class Dispatcher:
         d = self._attempt(data, now, outcome, result, reason, result.detail)
         try:
             if outcome is Outcome.DELIVERED:
-                d["delivered_at"] = now_iso(now)
-                d["delivered_as"] = result.delivered_as
-                if result.warnings:
-                    d["warnings"] = list(d.get("warnings") or []) + result.warnings
-                d["next_attempt"] = None
-                self._delivered(slot, item, d, result, now)
+                self._delivered(slot, item, sc.delivered(d, now, result.delivered_as,
+                                                         result.warnings), result, now)
             elif outcome is Outcome.TRANSIENT:
                 if self._expired(d, now):
-                    why = (f"gave up after {fmt_duration(self.retry.give_up_after)} "
-                           f"(give_up_after) queued; last error: {reason}")
-                    self._fail(item.path, d, why, result, recorded=True)
+                    self._fail(item.path, d, self._gave_up(f"last error: {reason}"), result,
+                               recorded=True, event=Event.GAVE_UP)
                     return
                 # Only this instance's own failures grow its delay; tries that met a
                 # destination-level failure are the destination's backoff's business.
-                own = sum(1 for h in d["history"] if h.get("outcome") == Outcome.TRANSIENT
+                own = sum(1 for h in d.get("history") or [] if h.get("outcome") == Outcome.TRANSIENT
                           and h.get("scope") != "destination")
                 delay = backoff_delay(own, self.retry, self.rng)
                 d["next_attempt"] = now_iso(now + delay)
                 self._unclaim(slot, item.path, sidecar=d, mtime=now + delay)
-                log.event(LOG, "retried", item.sop_instance_uid, self.name, logging.WARNING,
-                          status=result.status_hex, reason=reason, attempt=d["attempts"],
-                          next_in=fmt_duration(delay))
+                emit(LOG, Event.RETRIED, item.sop_instance_uid, self.name, logging.WARNING,
+                     status=result.status_hex, reason=reason, attempt=d.get("attempts"),
+                     next_in=fmt_duration(delay))
             else:
                 self._fail(item.path, d, reason, result, recorded=True)
         except FileNotFoundError:
@@ -689,25 +475,21 @@ class Dispatcher:
         finally:
             slot.sidecars.pop(item.path, None)
 
-    def _delivered(self, slot: Slot, item: Item, d: dict[str, Any], result: Result,
+    def _delivered(self, slot: Slot, item: Item, d: sc.Sidecar, result: Result,
                    now: float) -> None:
         """Queue the move to success/: its sidecar is written now, fsynced with the others'.
 
-        A success/ sidecar is written like any other (temp, fsync, rename), but
-        fsyncing each as it was written was a third of the dispatcher's time,
-        and every such fsync is a journal commit that the receiver's and
-        router's creates wait for. So answered instances are fsynced together
-        (``spool.Writes``), when SUCCESS_FLUSH_COUNT wait, when an answer
-        comes SUCCESS_FLUSH_AGE or more after the first waiting one, and when the
-        batch ends. Until then they stay claimed in active/: a crash sends them
-        again, which is at-least-once within the batch in flight (DESIGN.md
-        invariant 3), as before.
+        Answered instances are fsynced together (a ``SidecarBatch``): when
+        SUCCESS_FLUSH_COUNT wait, when an answer comes SUCCESS_FLUSH_AGE or more
+        after the first waiting one, and when the batch ends. Until then they
+        stay claimed in active/: a crash sends them again, which is
+        at-least-once within the batch in flight, as the design promises.
         """
         if slot.writes is None:
-            slot.writes = self.spool.writes()
+            slot.writes = self.spool.sidecar_batch()
         if not slot.delivered:
             slot.delivered_since = now
-        slot.writes.write_json(self.spool.success_dir(self.name) / (item.name + JSON), d)
+        slot.writes.write(self.spool.success_dir(self.name) / (item.name + JSON), d)
         slot.delivered.append(_Delivered(item, d, result))
         if (len(slot.delivered) >= SUCCESS_FLUSH_COUNT
                 or now - slot.delivered_since >= SUCCESS_FLUSH_AGE):
@@ -724,15 +506,15 @@ class Dispatcher:
         for p in pending:
             item, d, result = p.item, p.sidecar, p.result
             try:
-                self.spool.move_written(item.path, folder)
+                self.spool.move(item.path, folder, written=True)
             except FileNotFoundError:
                 LOG.error("destination %s: %s vanished from its claim while being recorded",
                           self.name, item.path)
                 continue
-            log.event(LOG, "sent", item.sop_instance_uid, self.name,
-                      status=result.status_hex, ts=result.delivered_as,
-                      attempts=d["attempts"], size=d.get("size"),
-                      warning="; ".join(result.warnings) if result.warnings else None)
+            emit(LOG, Event.SENT, item.sop_instance_uid, self.name,
+                 status=result.status_hex, ts=result.delivered_as, attempts=d.get("attempts"),
+                 size=d.get("size"),
+                 warning="; ".join(result.warnings) if result.warnings else None)
 
     def _defer(self, slot: Slot, item: Item, failure: LinkFailure, delay: float) -> None:
         """Not sent because the destination failed as a whole: back to the queue, due as
@@ -744,49 +526,42 @@ class Dispatcher:
         d["next_attempt"] = now_iso(now + delay)
         try:
             if not failure.misconfigured and self._expired(d, now):
-                self._fail(item.path, d, f"gave up after {fmt_duration(self.retry.give_up_after)}"
-                                         f" (give_up_after) queued; last error: {failure}", None,
-                           recorded=True)
+                self._fail(item.path, d, self._gave_up(f"last error: {failure}"), None,
+                           recorded=True, event=Event.GAVE_UP)
                 return
             due = min(Spool.next_attempt(item.path) or now, now)
             self._unclaim(slot, item.path, sidecar=d, mtime=due)
-            log.event(LOG, "deferred", item.sop_instance_uid, self.name, reason=str(failure),
-                      next_probe_in=fmt_duration(delay))
+            emit(LOG, Event.DEFERRED, item.sop_instance_uid, self.name, reason=str(failure),
+                 next_probe_in=fmt_duration(delay))
         except FileNotFoundError:
             LOG.error("destination %s: %s vanished from its claim", self.name, item.path)
         finally:
             slot.sidecars.pop(item.path, None)
 
-    def _expired(self, d: dict[str, Any], now: float) -> bool:
+    def _expired(self, d: sc.Sidecar, now: float) -> bool:
         queued = parse_iso(d.get("queued_at"))
         if queued is None:
             queued = received_at(str(d.get("name") or "")) or now
         return now - queued > self.retry.give_up_after
 
-    def _fail(self, path: Path, data: dict[str, Any], reason: str, result: Result | None,
-              recorded: bool = False) -> None:
+    def _fail(self, path: Path, data: sc.Sidecar, reason: str, result: Result | None,
+              recorded: bool = False, event: Event = Event.FAILED) -> None:
         """To error/NAME/ with the reason and the full history; an admin decides."""
         now = time.time()
         d = data if recorded else self._attempt(data, now, Outcome.PERMANENT, result, reason)
         d["next_attempt"] = None
         dst = self.spool.quarantine(path, reason, stage="dispatch", dest=self.name, sidecar=d)
-        log.event(LOG, "failed", str(d.get("sop_instance_uid") or path.name), self.name,
-                  logging.ERROR, status=result.status_hex if result else None, reason=reason,
-                  moved_to=str(dst.parent))
+        emit(LOG, event, str(d.get("sop_instance_uid") or path.name), self.name,
+             logging.ERROR, status=result.status_hex if result else None, reason=reason,
+             moved_to=str(dst.parent))
 
-    def _unclaim(self, slot: Slot, path: Path, sidecar: dict[str, Any] | None = None,
+    def _unclaim(self, slot: Slot, path: Path, sidecar: sc.Sidecar | None = None,
                  mtime: float | None = None) -> None:
         slot.worker.unclaim(path, mtime=mtime, sidecar=sidecar)
 
     def _return_leftovers(self, slot: Slot) -> None:
         """Whatever is still in this worker's claim area goes back untouched."""
-        for e in list(self.spool.scan(slot.worker.dir)):
-            try:
-                slot.worker.unclaim(Path(e.path))
-            except FileNotFoundError:
-                continue
-            except OSError:
-                LOG.exception("dispatcher %s: cannot return %s to the outbox", self.name, e.path)
+        slot.worker.return_all()
 
 
 # ---------------------------------------------------------------- process entry
@@ -794,15 +569,8 @@ class Dispatcher:
 
 def run(cfg: Settings, name: str) -> int:
     """``hermes-py dispatch NAME``: serve until SIGTERM/SIGINT, then stop between instances."""
-    from hermes_py.destinations.dicom import configure_pynetdicom
-    configure_pynetdicom()
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        LOG.info("dispatcher %s: signal %d, stopping after the instance in flight", name, signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(stop, also=lambda: LOG.info(
+        "dispatcher %s: stopping after the instance in flight", name))
     Dispatcher(cfg, name).serve(stop)
     return 0

@@ -1,12 +1,16 @@
 """The drop folder: files people copy into ``spool/drop/`` become instances in incoming/.
 
+``hermes-py intake`` (a child of ``serve`` when ``[intake] enabled``) is the only
+writer that takes from drop/: it holds ``locks/intake.lock`` for life and a second
+one waits as standby, like Postfix's pickup beside its queue manager. It only
+ever publishes into incoming/ (or error/), where the router takes over.
+
 People copy files of any name, in nested folders, possibly huge, possibly over a
 slow SMB share that keeps the file open for minutes. ``incoming/`` only ever holds
 complete instances with their sidecar, so the intake decides when a dropped file
-is complete, checks it is a whole DICOM instance, and hands it over with
-``Spool.publish`` (or sends it to ``error/`` with ``Spool.quarantine`` and a reason
-a person understands). The router creates one :class:`DropIntake` and calls
-:meth:`DropIntake.poll` from its loop.
+is complete, checks it is a whole DICOM instance (``dicomfile.inspect``), and
+hands it over with ``Spool.publish`` (or sends it to ``error/`` with
+``Spool.quarantine`` and a reason a person understands).
 
 Completeness. Watchdog events are hints only (inotify drops events silently on
 overflow): a periodic full rescan is the source of truth. A file is complete when
@@ -18,14 +22,8 @@ overflow): a periodic full rescan is the source of truth. A file is complete whe
   clock, not the file's mtime, measures that, so a file server with a skewed clock
   cannot make a file look old.
 
-Validation walks the element structure from the first to the last byte without
-reading values (pixel data is skipped with a seek; memory is constant whatever the
-file size): an element whose declared length runs past the end of the file, or an
-undefined-length sequence / encapsulated pixel data without its delimiter, is a
-truncated copy. Files without the 128-byte preamble and file meta but with a valid
-data set are accepted: a preamble and file meta are written in front of the data
-set bytes, which are copied unchanged (the dispatcher sends Part-10 files). Proper
-Part-10 files are renamed into incoming/, never copied.
+Proper Part-10 files are renamed into incoming/, never copied; a data set without
+preamble and file meta gets them written in front, into a new file.
 
 Hidden files and folders (a leading ``.``) are ignored: rsync and SMB clients write
 their temp files that way and rename them when done.
@@ -34,449 +32,30 @@ their temp files that way and rename them when done.
 from __future__ import annotations
 
 import contextlib
-import errno
 import heapq
 import logging
 import os
 import stat
-import struct
 import threading
 import time
 import warnings
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from pydicom.datadict import keyword_for_tag
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
-from pynetdicom.dsutils import create_file_meta
-
-from hermes_py import log
-from hermes_py.config import IntakeSettings
-from hermes_py.spool import DCM, Spool, new_name, now_iso
+from hermes_py import dicomfile
+from hermes_py.config import IntakeSettings, Settings
+from hermes_py.dicomfile import Unacceptable
+from hermes_py.events import emit
+from hermes_py.lifecycle import Event
+from hermes_py.process import stop_on_signals
+from hermes_py.spool import DCM, Spool, new_name
+from hermes_py.spool import sidecar as sc
 
 LOG = logging.getLogger(__name__)
 
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95")
-DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
-
 EMPTY_DIR_AGE = 600.0  # an emptied sub-folder of drop/ is removed after this long untouched
 MAX_DIR_DEPTH = 64
-COPY_CHUNK = 1 << 20
-
-
-# ---------------------------------------------------------------- reasons
-
-
-class Unacceptable(Exception):
-    """A dropped file that cannot become an instance; ``reason`` goes into error/<name>.json."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class NotDicom(Unacceptable):
-    pass
-
-
-class Truncated(Unacceptable):
-    pass
-
-
-class Corrupt(Unacceptable):
-    pass
-
-
-class _EOF(Exception):
-    """The data ended before a read or skip could be satisfied."""
-
-
-def _tag(tag: int) -> str:
-    kw = keyword_for_tag(tag) if tag >> 16 not in (0xFFFE,) else ""
-    return f"({tag >> 16:04X},{tag & 0xFFFF:04X}){' ' + kw if kw else ''}"
-
-
-# ---------------------------------------------------------------- byte sources
-
-
-class _FileSource:
-    """Sequential reads and seeks over an open file, with its size known."""
-
-    def __init__(self, f: BinaryIO, size: int):
-        self.f = f
-        self.size: int = size
-        self.pos: int = f.tell()
-
-    def read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        self.pos += len(data)
-        if len(data) < n:
-            raise _EOF
-        return bytes(data)
-
-    def read_some(self, n: int) -> bytes:
-        data = self.f.read(n)
-        self.pos += len(data)
-        return bytes(data)
-
-    def peek(self, n: int) -> bytes:
-        data = self.f.read(n)
-        self.f.seek(self.pos)
-        return bytes(data)
-
-    def skip(self, n: int) -> None:
-        if self.pos + n > self.size:
-            raise _EOF
-        self.pos += n
-        self.f.seek(self.pos)
-
-    def remaining(self) -> int | None:
-        return self.size - self.pos
-
-    def at_end(self) -> bool:
-        return self.pos >= self.size
-
-
-class _InflateSource:
-    """A deflated data set (raw deflate after the file meta), inflated as it is walked."""
-
-    def __init__(self, raw: _FileSource):
-        self.raw = raw
-        self.d = zlib.decompressobj(-zlib.MAX_WBITS)
-        self.buf = bytearray()
-        self.pos = 0  # offset in the inflated data
-
-    def _fill(self, n: int) -> None:
-        while len(self.buf) < n and not self.d.eof:
-            data = self.d.unconsumed_tail or self.raw.read_some(65536)
-            if not data:
-                return
-            try:
-                self.buf += self.d.decompress(data, COPY_CHUNK)
-            except zlib.error as e:
-                raise Corrupt(f"deflated data set cannot be inflated: {e}") from None
-
-    def read(self, n: int) -> bytes:
-        self._fill(n)
-        if len(self.buf) < n:
-            raise _EOF
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        self.pos += n
-        return out
-
-    def skip(self, n: int) -> None:
-        while n > 0:
-            self._fill(min(n, COPY_CHUNK))
-            take = min(n, len(self.buf))
-            if take == 0:
-                raise _EOF
-            del self.buf[:take]
-            self.pos += take
-            n -= take
-
-    def remaining(self) -> int | None:
-        return None
-
-    def at_end(self) -> bool:
-        self._fill(1)
-        return not self.buf
-
-    @property
-    def complete(self) -> bool:
-        return self.d.eof
-
-
-# ---------------------------------------------------------------- the structure walk
-
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
-UNDEFINED = 0xFFFFFFFF
-ITEM = 0xFFFEE000
-ITEM_END = 0xFFFEE00D
-SEQ_END = 0xFFFEE0DD
-PIXEL_DATA = 0x7FE00010
-MAX_NESTING = 32
-_WANTED = {0x00080016: "sop_class_uid", 0x00080018: "sop_instance_uid"}
-_META_WANTED = {0x00020002: "media_class", 0x00020003: "media_instance",
-                0x00020010: "transfer_syntax"}
-
-
-class _Walker:
-    """Walks a data set's elements from start to end, reading only the UIDs we need."""
-
-    def __init__(self, src: _FileSource | _InflateSource):
-        self.src = src
-        self.values: dict[str, str] = {}
-        self.elements = 0
-        self.encapsulated = False
-        self.open: list[str] = []  # sequences / pixel data not yet closed, for messages
-
-    def header(self, explicit: bool, little: bool) -> tuple[int, bytes | None, int, int]:
-        src = self.src
-        pos = src.pos
-        e = "<" if little else ">"
-        group, elem = struct.unpack(e + "HH", src.read(4))
-        tag = group << 16 | elem
-        if group == 0xFFFE:
-            return tag, None, struct.unpack(e + "L", src.read(4))[0], pos
-        if not explicit:
-            return tag, None, struct.unpack(e + "L", src.read(4))[0], pos
-        vr = src.read(2)
-        if vr in _LONG_VRS:
-            src.read(2)
-            return tag, vr, struct.unpack(e + "L", src.read(4))[0], pos
-        if vr in _SHORT_VRS:
-            return tag, vr, struct.unpack(e + "H", src.read(2))[0], pos
-        raise Corrupt(f"element {_tag(tag)} at byte {pos} has an invalid value representation "
-                      f"{vr!r}: this is not a well-formed DICOM data set")
-
-    def value(self, tag: int, length: int, pos: int, keep: str | None) -> None:
-        remaining = self.src.remaining()
-        if remaining is not None and length > remaining:
-            raise Truncated(
-                f"truncated: element {_tag(tag)} at byte {pos} declares {length} bytes but the "
-                f"file ends after {remaining}; the copy was probably interrupted")
-        if keep and length <= 256:
-            raw = self.src.read(length)
-            self.values[keep] = raw.decode("ascii", "replace").rstrip("\0 ").strip()
-        else:
-            self.open.append(f"element {_tag(tag)} (byte {pos}, {length} bytes)")
-            self.src.skip(length)
-            self.open.pop()
-
-    def dataset(self, explicit: bool, little: bool, depth: int = 0, top: bool = True) -> None:
-        while True:
-            if top and self.src.at_end():
-                return
-            tag, vr, length, pos = self.header(explicit, little)
-            if tag == ITEM_END:
-                if top:
-                    raise Corrupt(f"unexpected item delimiter at byte {pos}")
-                return
-            if tag >> 16 == 0xFFFE:
-                raise Corrupt(f"unexpected {_tag(tag)} at byte {pos} outside a sequence")
-            if top and tag == 0 and self.elements:
-                return  # trailing zero padding after the data set
-            self.elements += 1
-            if length == UNDEFINED:
-                if tag == PIXEL_DATA or vr in (b"OB", b"OW"):
-                    if top:
-                        self.encapsulated = True
-                    self.fragments(tag, pos)
-                elif vr == b"UN":  # PS3.5 6.2.2: content is implicit VR little endian
-                    self.sequence(tag, pos, False, True, depth + 1)
-                elif vr is None or vr == b"SQ":
-                    self.sequence(tag, pos, explicit, little, depth + 1)
-                else:
-                    raise Corrupt(f"element {_tag(tag)} at byte {pos} has undefined length but "
-                                  f"value representation {vr!r}")
-            else:
-                self.value(tag, length, pos, _WANTED.get(tag) if top else None)
-
-    def sequence(self, tag: int, pos: int, explicit: bool, little: bool, depth: int) -> None:
-        if depth > MAX_NESTING:
-            raise Corrupt(f"sequences nested more than {MAX_NESTING} deep at byte {pos}")
-        self.open.append(f"sequence {_tag(tag)} starting at byte {pos}")
-        while True:
-            itag, _, ilen, ipos = self.header(explicit, little)
-            if itag == SEQ_END:
-                break
-            if itag != ITEM:
-                raise Corrupt(f"sequence {_tag(tag)}: expected an item at byte {ipos}, found "
-                              f"{_tag(itag)}")
-            if ilen == UNDEFINED:
-                self.dataset(explicit, little, depth, top=False)
-            else:
-                self.value(itag, ilen, ipos, None)
-        self.open.pop()
-
-    def fragments(self, tag: int, pos: int) -> None:
-        self.open.append(f"encapsulated pixel data {_tag(tag)} starting at byte {pos}")
-        while True:
-            itag, _, ilen, ipos = self.header(True, True)
-            if itag == SEQ_END:
-                break
-            if itag != ITEM or ilen == UNDEFINED:
-                raise Corrupt(f"encapsulated pixel data {_tag(tag)}: expected a fragment at "
-                              f"byte {ipos}, found {_tag(itag)}")
-            self.value(itag, ilen, ipos, None)
-        self.open.pop()
-
-    def meta(self) -> dict[str, str]:
-        """Group 0002 (always explicit VR little endian) up to the first other group."""
-        src = self.src
-        assert isinstance(src, _FileSource)
-        found: dict[str, str] = {}
-        while True:
-            head = src.peek(2)
-            if len(head) < 2 or struct.unpack("<H", head)[0] != 0x0002:
-                return found
-            tag, vr, length, pos = self.header(True, True)
-            if length == UNDEFINED:
-                raise Corrupt(f"file meta element {_tag(tag)} at byte {pos} has undefined length")
-            key = _META_WANTED.get(tag)
-            self.value(tag, length, pos, key)
-            if key:
-                found[key] = self.values.pop(key)
-
-    def eof_reason(self, pos: int) -> str:
-        if self.open:
-            what = self.open[-1]
-            if what.startswith("element"):
-                return (f"truncated: the data ends inside {what}; the copy was probably "
-                        "interrupted")
-            return (f"truncated: {what} never ends (the file ends before its delimiter); the "
-                    "copy was probably interrupted")
-        return f"truncated: the file ends in the middle of an element header at byte {pos}"
-
-
-# ---------------------------------------------------------------- inspection
-
-
-@dataclass(frozen=True)
-class Inspection:
-    """What a dropped file is, from one streaming pass over it."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax: str
-    part10: bool  # preamble + DICM + file meta: publish as is
-    dataset_offset: int  # where the data set bytes start (kept unchanged)
-    size: int
-
-
-def _guess_encoding(head: bytes) -> tuple[bool, bool]:
-    """(explicit, little) for a data set with no file meta, from its first element."""
-    if len(head) < 8:
-        raise NotDicom("not DICOM: too short to hold a DICOM data set")
-    explicit = head[4:6] in _LONG_VRS or head[4:6] in _SHORT_VRS
-    if struct.unpack("<H", head[:2])[0] in (0x0004, 0x0008):
-        return explicit, True
-    if explicit and struct.unpack(">H", head[:2])[0] in (0x0004, 0x0008):
-        return True, False
-    raise NotDicom("not DICOM: no 'DICM' marker at byte 128 and the file does not start like a "
-                   "DICOM data set")
-
-
-def _syntax_of(ts: str) -> tuple[bool, bool, bool]:
-    """(explicit, little, deflated) for a transfer syntax UID (unknown ones: explicit LE)."""
-    if ts == IMPLICIT_LE:
-        return False, True, False
-    if ts == EXPLICIT_BE:
-        return True, False, False
-    return True, True, ts in DEFLATED
-
-
-def inspect(path: Path | str) -> Inspection:
-    """Check a file is one whole DICOM instance; raise :class:`Unacceptable` with the reason."""
-    with open(path, "rb", buffering=65536) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise NotDicom("empty file (0 bytes)")
-        head = f.read(132)
-        f.seek(0)
-        if len(head) == 132 and head[128:132] == b"DICM":
-            f.seek(132)
-            preamble = True
-        elif head[:4] == b"DICM":
-            f.seek(4)
-            preamble = False
-        else:
-            preamble = False
-        src = _FileSource(f, size)
-        w = _Walker(src)
-        meta: dict[str, str] = {}
-        try:
-            meta = w.meta()
-        except _EOF:
-            raise Truncated(w.eof_reason(src.pos)) from None
-        except Corrupt as e:
-            if preamble:
-                raise Corrupt(f"corrupt file meta information: {e.reason}") from None
-            raise NotDicom(f"not DICOM: {e.reason}") from None
-        if meta and not meta.get("transfer_syntax"):
-            raise Corrupt("the file meta information has no Transfer Syntax UID (0002,0010)")
-        if meta.get("media_class") == DICOMDIR_CLASS:
-            raise Unacceptable("a DICOMDIR (media directory), not an instance: the instances it "
-                               "lists are taken from their own files")
-        offset = src.pos
-        guessed = not meta
-        if guessed:
-            explicit, little = _guess_encoding(src.peek(8))
-            ts = IMPLICIT_LE if not explicit else (EXPLICIT_LE if little else EXPLICIT_BE)
-            deflated = False
-        else:
-            ts = meta["transfer_syntax"]
-            explicit, little, deflated = _syntax_of(ts)
-        body: _FileSource | _InflateSource = _InflateSource(src) if deflated else src
-        w.src = body
-        try:
-            w.dataset(explicit, little)
-            if isinstance(body, _InflateSource) and not body.complete:
-                raise Truncated("truncated: the deflated data set ends before the end of its "
-                                "compressed stream; the copy was probably interrupted")
-        except _EOF:
-            reason = w.eof_reason(body.pos)
-            if guessed and not w.values:
-                raise NotDicom(f"not DICOM: no 'DICM' preamble, and the content does not read as "
-                               f"a data set ({reason})") from None
-            raise Truncated(reason) from None
-        except Unacceptable as e:
-            if guessed and not w.values:
-                raise NotDicom(f"not DICOM: no 'DICM' preamble, and the content does not read as "
-                               f"a data set ({e.reason})") from None
-            raise
-    sop = w.values.get("sop_instance_uid") or ""
-    sop_class = w.values.get("sop_class_uid") or ""
-    if not sop_class and not sop and guessed:
-        raise NotDicom("not DICOM: no 'DICM' preamble and no SOP Class/Instance UID in the data")
-    if not sop:
-        raise Unacceptable("no SOP Instance UID (0008,0018) in the data set: it cannot be "
-                           "routed or sent")
-    if not sop_class:
-        raise Unacceptable("no SOP Class UID (0008,0016) in the data set: it cannot be sent")
-    if guessed and w.encapsulated:
-        raise Unacceptable("compressed (encapsulated) pixel data but no file meta information: "
-                           "the transfer syntax it is compressed with is unknown")
-    return Inspection(sop_instance_uid=sop, sop_class_uid=sop_class, transfer_syntax=ts,
-                      part10=preamble and bool(meta), dataset_offset=offset, size=size)
-
-
-def build_part10(src: Path, info: Inspection, dst: Path) -> int:
-    """Write preamble + file meta + the unchanged data set bytes of ``src`` to ``dst``, fsynced.
-
-    The meta is the one the receiver's files carry (pynetdicom's), so every file in
-    incoming/ looks alike. Returns the size written. Streams; never reads src whole.
-    """
-    meta = create_file_meta(sop_class_uid=UID(info.sop_class_uid),
-                            sop_instance_uid=UID(info.sop_instance_uid),
-                            transfer_syntax=UID(info.transfer_syntax))
-    buf = DicomBytesIO()
-    write_file_meta_info(buf, meta)
-    try:
-        with open(src, "rb") as fi, open(dst, "xb") as fo:
-            fo.write(b"\0" * 128 + b"DICM" + buf.getvalue())
-            fi.seek(info.dataset_offset)
-            while chunk := fi.read(COPY_CHUNK):
-                fo.write(chunk)
-            fo.flush()
-            os.fsync(fo.fileno())
-            return fo.tell()
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(dst)
-        raise
-
-
-# ---------------------------------------------------------------- the intake
+IDLE_TICK = 1.0  # longest wait between passes when watchdog says nothing
 
 
 def _printable(s: str) -> str:
@@ -491,10 +70,10 @@ def _hidden(rel: str) -> bool:
 class DropIntake:
     """Turns complete files under ``spool/drop/`` into instances in incoming/ (or error/).
 
-    Use: ``start()`` (watchdog hints), then in a loop ``wakeup.clear(); poll();
-    wakeup.wait(next_check())``; ``stop()`` at the end. ``poll()`` alone works too
-    (rescans only). Not thread-safe for concurrent ``poll()`` calls: one router
-    process owns the intake (it holds ``locks/router.lock``).
+    Use: ``start()`` (watchdog hints), then ``serve(stop)``, or in a loop
+    ``wakeup.clear(); poll(); wakeup.wait(next_check())``; ``stop()`` at the end.
+    ``poll()`` alone works too (rescans only). Not thread-safe for concurrent
+    ``poll()`` calls: one intake process owns drop/ (it holds ``locks/intake.lock``).
     """
 
     def __init__(self, spool: Spool, settings: IntakeSettings):
@@ -590,6 +169,18 @@ class DropIntake:
 
     # ------------------------------------------------------------ polling
 
+    def serve(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set: at once when watchdog names a file, else when due."""
+        while not stop.is_set():
+            self.wakeup.clear()
+            try:
+                self.poll()
+            except Exception:  # a bug or an I/O error must not end the intake
+                LOG.exception("drop-folder intake pass failed; retrying in 5 s")
+                stop.wait(5.0)
+                continue
+            self.wakeup.wait(min(IDLE_TICK, self.next_check()))
+
     def next_check(self, now: float | None = None) -> float:
         """Seconds until a poll could take something the events will not announce."""
         now = time.time() if now is None else now
@@ -663,7 +254,7 @@ class DropIntake:
     def _remove_if_empty(self, path: str) -> None:
         try:
             if time.time() - os.stat(path).st_mtime >= self.empty_dir_age:
-                os.rmdir(path)  # fails unless empty
+                self.spool.remove_folder(Path(path))  # fails unless empty
         except OSError:
             pass
 
@@ -701,13 +292,12 @@ class DropIntake:
 
     def _take(self, rel: str, path: str, st: os.stat_result) -> int:
         original = "drop/" + rel.replace(os.sep, "/")
-        base: dict[str, Any] = {"source": "drop", "original_path": original,
-                                "size": st.st_size, "received_at": now_iso()}
+        base = sc.dropped(original, st.st_size)
         if not stat.S_ISREG(st.st_mode):
             return self._reject(path, original, "not a regular file (a symbolic link, pipe or "
                                                 "device): copy the file itself into drop/", base)
         try:
-            info = inspect(path)
+            info = dicomfile.inspect(path)
         except Unacceptable as e:
             return self._reject(path, original, e.reason, base)
         except FileNotFoundError:
@@ -719,17 +309,8 @@ class DropIntake:
             return self._reject(path, original, f"internal error while checking the file: "
                                                 f"{type(e).__name__}: {e}", base)
         name = new_name(info.sop_instance_uid)
-        sidecar = {
-            "name": name,
-            "sop_instance_uid": info.sop_instance_uid,
-            "sop_class_uid": info.sop_class_uid,
-            "transfer_syntax": info.transfer_syntax,
-            "source": "drop",
-            "received_at": base["received_at"],
-            "original_path": original,
-            "size": st.st_size,
-        }
-        tmp: Path | None = None
+        sidecar = sc.accepted_drop(base, name, info.sop_instance_uid, info.sop_class_uid,
+                                   info.transfer_syntax, st.st_size)
         try:
             now_st = os.lstat(path)
             if (now_st.st_size, now_st.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
@@ -737,26 +318,26 @@ class DropIntake:
             if info.part10:
                 self.spool.publish(Path(path), self.spool.incoming, name, sidecar)
             else:
-                tmp = self.spool.tmp_path(DCM)
-                sidecar["size"] = build_part10(Path(path), info, tmp)
-                self.spool.publish(tmp, self.spool.incoming, name, sidecar, fsync_data=False)
-                tmp = None
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                with self.spool.temp_file(DCM) as (tmp, out):
+                    sidecar["size"] = dicomfile.write_part10(path, info, out)
+                try:
+                    self.spool.publish(tmp, self.spool.incoming, name, sidecar,
+                                       fsync_data=False)
+                except BaseException:
+                    self.spool.discard_temp(tmp)
+                    raise
+                self.spool.take_dropped(Path(path))
         except OSError as e:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
             self._complain(rel, st, f"cannot move {_printable(original)} into incoming/: {e}; "
                                     "will retry")
             return 0
         self.accepted += 1
-        log.event(LOG, "received", sop=info.sop_instance_uid, name=name, source="drop",
-                  path=_printable(original), ts=info.transfer_syntax, size=sidecar["size"],
-                  note=None if info.part10 else "no preamble/file meta: added")
+        emit(LOG, Event.RECEIVED, info.sop_instance_uid, name=name, source="drop",
+             path=_printable(original), ts=info.transfer_syntax, size=sidecar.get("size"),
+             note=None if info.part10 else "no preamble/file meta: added")
         return 1
 
-    def _reject(self, path: str, original: str, reason: str, base: dict[str, Any]) -> int:
+    def _reject(self, path: str, original: str, reason: str, base: sc.Sidecar) -> int:
         try:
             dst = self.spool.quarantine(Path(path), reason, stage="intake", sidecar=base)
         except FileNotFoundError:
@@ -768,8 +349,8 @@ class DropIntake:
                                              f"{e}; will retry")
             return 0
         self.rejected += 1
-        log.event(LOG, "rejected", level=logging.WARNING, name=dst.stem, source="drop",
-                  path=_printable(original), reason=reason)
+        emit(LOG, Event.REJECTED, level=logging.WARNING, name=dst.stem, source="drop",
+             path=_printable(original), reason=reason)
         return 1
 
     def _complain(self, key: str, st: os.stat_result, message: str) -> None:
@@ -782,13 +363,25 @@ class DropIntake:
             LOG.warning("%s", message)
 
 
-def run_forever(intake: DropIntake, stop: threading.Event) -> None:
-    """Poll until ``stop`` is set: the loop a router runs, for tests and small tools."""
-    while not stop.is_set():
-        intake.wakeup.clear()
-        try:
-            intake.poll()
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                LOG.warning("drop intake pass failed: %s", e)
-        intake.wakeup.wait(intake.next_check())
+def run(cfg: Settings) -> int:
+    """``hermes-py intake``: take complete files from drop/ until SIGTERM/SIGINT."""
+    stop = threading.Event()
+    spool = Spool(cfg.spool.path)
+    intake = DropIntake(spool, cfg.intake)
+    stop_on_signals(stop, also=intake.wakeup.set)
+    spool.ensure()
+    lock, _ = spool.take_lock("intake", stop)
+    if lock is None:
+        return 0
+    try:
+        spool.use_private_tmp()  # its creates never queue behind the receiver's
+        intake.start()
+        LOG.info("intake active on %s (stable_for %gs, rescan every %gs)", spool.drop,
+                 cfg.intake.stable_for, cfg.intake.rescan_interval)
+        intake.serve(stop)
+    finally:
+        intake.stop()
+        spool.release_private_tmp()
+        lock.release()
+    LOG.info("intake stopped")
+    return 0

@@ -1,7 +1,10 @@
-"""Readable logs: one line per instance event, the same shape from every stage.
+"""Readable logs: one line per event, the same shape from every stage and from serve.
 
 ``received sop=1.2.3 from=CT1@10.0.0.5 ts=1.2.840.10008.1.2.1 name=...`` is what an
-admin greps for; ``--log-format json`` gives the same fields to a log shipper.
+admin greps for (the events themselves are ``events.py``); ``--log-format json``
+gives the same fields to a log shipper. Under ``serve`` the children log JSON,
+and the supervisor re-emits each record in the admin's format with
+:func:`text_line`, the same function this process's own text lines go through.
 """
 
 from __future__ import annotations
@@ -10,14 +13,43 @@ import json
 import logging
 import sys
 import time
+from datetime import datetime
 from typing import Any
 
-# The verbs every stage uses, so a person can grep one word per lifecycle step.
-EVENTS = ("received", "refused", "accepted", "rejected", "routed", "held", "released",
-          "discarded", "sent", "retried", "failed", "deferred", "error")
+NOISY = ("pynetdicom", "pydicom", "watchdog")
 
 
-class _JsonFormatter(logging.Formatter):
+def text_line(stamp: str, level: str, process: str, logger: str, message: str) -> str:
+    """``2026-11-28 05:39:07 INFO    route hermes_py.router: routed sop=...``."""
+    tag = f" {process}" if process else ""
+    return f"{stamp} {level.upper():<7}{tag} {logger}: {message}"
+
+
+def local_stamp(iso: object) -> str:
+    """A record's UTC ISO time as local ``YYYY-mm-dd HH:MM:SS`` (now, when unreadable)."""
+    if isinstance(iso, str):
+        try:
+            return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone() \
+                .strftime("%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            pass
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, process: str = ""):
+        super().__init__(datefmt="%Y-%m-%d %H:%M:%S")
+        self.process = process
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = text_line(self.formatTime(record, self.datefmt), record.levelname, self.process,
+                         record.name, record.getMessage())
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -37,40 +69,9 @@ class _JsonFormatter(logging.Formatter):
 def setup(level: str = "INFO", fmt: str = "text", process: str = "") -> None:
     """Configure the root logger for one process; pynetdicom's per-PDU chatter stays off."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        tag = f" {process}" if process else ""
-        handler.setFormatter(logging.Formatter(
-            f"%(asctime)s %(levelname)-7s{tag} %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(process))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("pynetdicom", "pydicom", "watchdog"):
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-
-
-def _fmt(v: object) -> str:
-    s = str(v)
-    return f'"{s}"' if (" " in s or not s) else s
-
-
-def event(logger: logging.Logger, what: str, sop: str | None = None, dest: str | None = None,
-          level: int = logging.INFO, **fields: Any) -> None:
-    """Log one instance event: ``<what> sop=<uid> dest=<name> key=value ...``."""
-    if not logger.isEnabledFor(level):
-        return
-    parts = [what]
-    data: dict[str, Any] = {"event": what}
-    if sop is not None:
-        parts.append(f"sop={sop}")
-        data["sop_instance_uid"] = sop
-    if dest is not None:
-        parts.append(f"dest={dest}")
-        data["destination"] = dest
-    for k, v in fields.items():
-        if v is None:
-            continue
-        parts.append(f"{k}={_fmt(v)}")
-        data[k] = v
-    logger.log(level, " ".join(parts), extra={"hermes": data})

@@ -7,11 +7,12 @@ Two sources, neither of which asks anything new of the stages:
   as ``status`` (cached for a couple of seconds so a busy scraper cannot turn
   into a scanner).
 - Counters (instances received, routed, sent, failed... per destination and
-  reason, and bytes) come from the one-line-per-instance events the stages
-  already log: the supervisor reads its children's stderr (JSON records), counts
-  each event here, and re-emits the line in the format the admin asked for. So
-  the counters cover exactly what ran under this ``serve``, and reset when it
-  restarts, which Prometheus handles like any process restart.
+  reason, and bytes; destination and receiver edges) come from the events the
+  stages emit (``lifecycle.Event``): the supervisor reads its children's log
+  records, turns each back into an ``events.Occurrence`` and sends it to its own
+  hub, where :meth:`Counters.observe` is a subscriber. So the counters cover
+  exactly what ran under this ``serve``, and reset when it restarts, which
+  Prometheus handles like any process restart.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from hermes_py.config import Settings
+from hermes_py.events import Occurrence
+from hermes_py.lifecycle import DestinationStatus, Event
 from hermes_py.spool import Spool
 
 LOG = logging.getLogger(__name__)
@@ -32,21 +35,10 @@ LOG = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SNAPSHOT_TTL = 2.0
 
-# Events whose outcome has a cause worth a label; the value is bounded (a class
-# or a status code), never free text, so a label set cannot explode.
-_REASON_EVENTS = {"failed", "deferred", "refused", "rejected", "error", "retried"}
+# The label of a ``reason`` event (lifecycle.EventFacts) is bounded (a class, a status
+# code, a link kind), never free text, so a label set cannot explode.
 _REASON_KEYS = ("class", "outcome", "status", "kind", "reason_code")
 _LABEL_RE = re.compile(r"[^A-Za-z0-9_.:-]")
-_EVENT_RE = re.compile(r"^[a-z][a-z_]{0,31}$")
-
-HELP = {
-    "received": "Instances received (C-STORE or drop folder) and acknowledged",
-    "routed": "Instance copies handed to a destination outbox",
-    "sent": "Instances delivered to a destination",
-    "failed": "Instances a destination failed (by outcome class or status)",
-    "discarded": "Instances no rule routed, or a discard rule matched",
-    "refused": "C-STOREs or associations refused by the receiver",
-}
 
 
 def _label(value: object, limit: int = 48) -> str:
@@ -76,19 +68,18 @@ class Counters:
         with self._lock:
             self._values[key] = self._values.get(key, 0) + n
 
-    def observe(self, record: Mapping[str, Any]) -> bool:
-        """Count one log record if it is an instance event; True when it was one."""
-        event = record.get("event")
-        if not isinstance(event, str) or not _EVENT_RE.match(event):
-            return False
+    def observe(self, occurrence: Occurrence) -> None:
+        """Count one event (a subscriber of the supervisor's hub)."""
+        event = occurrence.event
+        record = occurrence.record()
         labels: dict[str, str] = {}
         dest = record.get("destination")
         if dest:
             labels["destination"] = _label(dest)
-        if event == "received":
+        if event is Event.RECEIVED:
             # the receiver's events carry no source; the drop intake's say "drop"
             labels["source"] = _label(record.get("source") or "network")
-        if event in _REASON_EVENTS:
+        if event.facts.reason:
             for k in _REASON_KEYS:
                 if record.get(k) not in (None, ""):
                     labels["reason"] = _label(record[k], 32)
@@ -111,7 +102,6 @@ class Counters:
             self.inc(f"hermes_{event}_bytes_total", labels, size)
         with self._lock:
             self._events += 1
-        return True
 
     def render(self) -> list[str]:
         with self._lock:
@@ -123,20 +113,16 @@ class Counters:
                 seen.add(metric)
                 base = metric.removeprefix("hermes_").removesuffix("_total")
                 bytes_ = base.endswith("_bytes")
-                what = HELP.get(base.removesuffix("_bytes"),
-                                f"Instance events '{base.removesuffix('_bytes')}'")
+                what = Event(base.removesuffix("_bytes")).facts.meaning
                 out.append(f"# HELP {metric} {what}{' (bytes)' if bytes_ else ''}")
                 out.append(f"# TYPE {metric} counter")
             out.append(f"{metric}{_fmt_labels(dict(labels))} {v:g}")
         return out
 
 
-_STATES = ("ok", "backoff", "retrying", "held", "misconfigured", "unknown", "not configured")
-
-
 def spool_gauges(cfg: Settings, spool: Spool) -> list[str]:
     """Queue gauges from the spool, with the listings ``status`` uses (no success/ scan)."""
-    from hermes_py.admin import snapshot
+    from hermes_py.admin.status import snapshot
 
     snap = snapshot(cfg, spool, success=False)
     out: list[str] = []
@@ -146,7 +132,8 @@ def spool_gauges(cfg: Settings, spool: Spool) -> list[str]:
         out.append(f"# TYPE {metric} gauge")
         out.extend(f"{metric}{_fmt_labels(lab)} {v:g}" for lab, v in rows)
 
-    dests: dict[str, Any] = snap["destinations"]
+    dests: dict[str, Any] = dict(snap["destinations"])
+    folders: dict[str, Any] = dict(snap["folders"])
     gauge("hermes_queue_depth", "Instances queued for a destination (outbox + urgent + active)",
           [({"destination": n}, d["queued"]) for n, d in dests.items()])
     gauge("hermes_queue_due", "Queued instances whose next attempt time has come",
@@ -154,14 +141,14 @@ def spool_gauges(cfg: Settings, spool: Spool) -> list[str]:
     gauge("hermes_queue_active", "Instances claimed by a dispatcher worker right now",
           [({"destination": n}, d["active"]) for n, d in dests.items()])
     gauge("hermes_queue_oldest_age_seconds", "Age (since receipt) of the oldest queued instance",
-          [({"destination": n}, d["oldest_age"] or 0) for n, d in dests.items()])
+          [({"destination": n}, float(d.get("oldest_age") or 0)) for n, d in dests.items()])
     gauge("hermes_error_instances", "Instances in error/<destination>/ (gave up or permanent)",
           [({"destination": n}, d["error"]) for n, d in dests.items()])
     gauge("hermes_destination_state", "1 for the destination's current state",
           [({"destination": n, "state": s}, 1.0 if d.get("state") == s else 0.0)
-           for n, d in dests.items() for s in _STATES])
+           for n, d in dests.items() for s in DestinationStatus])
     gauge("hermes_folder_instances", "Instances in the shared folders",
-          [({"folder": k}, v) for k, v in snap["folders"].items() if k != "drop_capped"])
+          [({"folder": k}, float(v)) for k, v in folders.items() if k != "drop_capped"])
     gauge("hermes_spool_free_bytes", "Free space on the spool filesystem",
           [({}, snap["free_mb"] * 1024 * 1024)])
     return out

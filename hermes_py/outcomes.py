@@ -14,7 +14,7 @@ lives in one place, is pure, and is tested code by code. Two levels:
   keeps the whole queue waiting instead of dumping it into error/.
 
 Sources: PS3.4 Annex B.2.3 (Storage statuses), PS3.7 Annex C (general
-statuses), PS3.8 9.3.4 (A-ASSOCIATE-RJ), and the table in the project notes.
+statuses), PS3.8 9.3.4 (A-ASSOCIATE-RJ).
 """
 
 from __future__ import annotations
@@ -62,8 +62,6 @@ _STATUS_TEXT: dict[int, str] = {
     0xFE00: "Cancel",
 }
 
-_PERMANENT_CODES = frozenset({0x0117, 0x0118, 0x0119, 0x0120, 0x0121, 0x0122, 0x0124,
-                              0x0211, 0x0212})
 _TRANSIENT_CODES = frozenset({0x0110, 0x0210, 0x0213, 0xFE00})
 
 
@@ -105,9 +103,7 @@ def default_class(code: int) -> Outcome:
         return Outcome.DELIVERED
     if 0xA700 <= code <= 0xA7FF or code in _TRANSIENT_CODES:
         return Outcome.TRANSIENT
-    if 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF or code in _PERMANENT_CODES:
-        return Outcome.PERMANENT
-    return Outcome.PERMANENT
+    return Outcome.PERMANENT  # 0xA9xx, 0xCxxx, the refusals above, and every unknown code
 
 
 def classify_status(code: int, overrides: Mapping[int, str] | None = None) -> Outcome:
@@ -182,6 +178,7 @@ class LinkFailure:
 
     kind: LinkKind
     detail: str = ""
+    reject: tuple[int, int, int] | None = None   # A-ASSOCIATE-RJ (result, source, reason)
 
     @property
     def misconfigured(self) -> bool:
@@ -213,4 +210,13 @@ def classify_reject(result: int, source: int, reason: int) -> LinkFailure:
     detail = (f"result {result} ({'permanent' if result == 1 else 'transient'}), "
               f"source {source} ({_RJ_SOURCE.get(source, '?')}), {why}")
     kind = LinkKind.REJECTED_PERMANENT if result == 1 else LinkKind.REJECTED_TRANSIENT
-    return LinkFailure(kind, detail)
+    return LinkFailure(kind, detail, (result, source, reason))
+
+
+def reject_text(result: int, source: int, reason: int) -> str:
+    """``rejected (permanent) by Service User: Called AE title not recognised [result 1, ...]``."""
+    kind = {1: "permanent", 2: "transient"}.get(result, f"result {result}")
+    who = _RJ_SOURCE.get(source, f"source {source}").split(" (")[0].title()
+    why = _RJ_REASON.get((source, reason), f"reason {reason}")
+    return (f"rejected ({kind}) by {who}: {why[:1].upper()}{why[1:]} "
+            f"[result {result}, source {source}, reason {reason}]")

@@ -17,22 +17,25 @@ Decisions worth knowing:
   the preference order we want: a modality lists the syntax its data is in first,
   so we store exactly what it has. An acceptor-side order ("compressed first")
   could make a modality compress on the fly, lossy even, to please us.
-- Temp files: pynetdicom creates them with ``tempfile.NamedTemporaryFile`` in the
-  process-wide temp dir. We substitute a factory that, for associations of a
-  running :class:`Receiver`, creates the file in that receiver's own folder
+- Temp files: for associations of a running :class:`Receiver`, pynetdicom's
+  chunked receive writes into a ``SpoolTempFile`` in that receiver's own folder
   ``spool/tmp/<owner>/`` (same filesystem, so publishing is a rename; its own, so
-  its creates never queue behind the router's and dispatchers' on one directory)
-  and turns write errors into a recorded failure instead of an exception in
-  pynetdicom's network thread. The receiver tracks those files per association
-  and removes the ones a dropped connection leaves behind; ``Spool.sweep_tmp`` at
-  start and periodically is the safety net for a kill -9 (it removes the folder
-  of a dead receiver whole: its flock is gone).
-- ``[receiver] processes > 1``: the first process binds with SO_REUSEPORT and
-  starts ``processes - 1`` siblings on the same port (the kernel spreads
+  its creates never queue behind the router's and dispatchers' on one directory),
+  which turns write errors into a recorded failure instead of an exception in
+  pynetdicom's network thread (``pynetdicom_compat.start_receiving``). The
+  receiver tracks those files per association and removes the ones a dropped
+  connection leaves behind; ``Spool.sweep_tmp`` at start and periodically is the
+  safety net for a kill -9 (it removes the folder of a dead receiver whole: its
+  flock is gone).
+- ``[receiver] processes > 1``: serve starts that many ``hermes-py receive``
+  children, each binding the port with SO_REUSEPORT (the kernel spreads
   connections); one Python process is GIL-bound near ~100 small instances/s.
   ``max_associations`` is per process, and counts live peers only: pynetdicom keeps
   a thread for acse_timeout after a bare TCP connect (a health check) and would
   count it. The sidecar's ``received_by`` (host:pid) says which process took it.
+- Refusing is an edge too: the first C-STORE refused for lack of space or a write
+  error is a ``receiving_refused`` event, the first one stored again
+  ``receiving_resumed`` (each refused instance is its own ``refused`` event).
 """
 
 from __future__ import annotations
@@ -41,24 +44,24 @@ import contextlib
 import errno
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import weakref
 from pathlib import Path
-from types import FrameType
-from typing import Any, cast
+from typing import Any
 
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from hermes_py import log
-from hermes_py.config import Settings, load
+from hermes_py import pynetdicom_compat
+from hermes_py.config import Settings
 from hermes_py.errors import HermesError
-from hermes_py.spool import DCM, JSON, Spool, new_name, now_iso
+from hermes_py.events import emit
+from hermes_py.lifecycle import Event
+from hermes_py.outcomes import hex_status
+from hermes_py.process import stop_on_signals
+from hermes_py.spool import DCM, Spool, new_name
+from hermes_py.spool import sidecar as sc
+from hermes_py.spool.tempfiles import SpoolTempFile
 
 LOG = logging.getLogger(__name__)
 
@@ -71,198 +74,20 @@ CANNOT_UNDERSTAND = 0xC211  # a bug in our handler; pynetdicom uses the same cod
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_TOO_MANY = (0x02, 0x03, 0x02)
 
-VERIFICATION = "1.2.840.10008.1.1"
-
 PROBE_ALLOWANCE = 1000  # headroom over max_associations for pynetdicom's own (dead-counting) check
 STOP_GRACE = 10.0  # seconds in-flight associations get to finish on SIGTERM
-SIBLING_MIN_LIFE = 5.0  # a sibling that dies sooner is restarted only after the delay below
-SIBLING_RESTART_DELAY = 10.0
 SWEEP_INTERVAL_MAX = 300.0
-# pynetdicom's DUL thread polls its socket and its send queue, sleeping _run_loop_delay
-# (1 ms) after every empty loop, so each C-STORE waits up to 1 ms for its data to be
-# noticed and again for its response to be sent. 0.1 ms while an association is busy:
-# measured with dcmsend into a bare pynetdicom SCP, 300 -> 500 small instances/s, for
-# ~8 % of a core per open association. One that has been idle for LOOP_RELAX_AFTER
-# gets pynetdicom's own 1 ms back (a modality may hold an association open for long).
-BUSY_LOOP_DELAY = 0.0001
-IDLE_LOOP_DELAY = 0.001
+# An association idle this long gets pynetdicom's own 1 ms DUL poll back (a modality
+# may hold an association open for long); a busy one polls every 0.1 ms.
 LOOP_RELAX_AFTER = 2.0
 HOUSEKEEPING_TICK = 1.0
-
-
-# ---------------------------------------------------------------- spool temp files
-
-
-class SpoolTempFile:
-    """What pynetdicom writes a C-STORE data set into, instead of a NamedTemporaryFile.
-
-    pynetdicom calls ``write``, ``file.flush``, ``close`` and reads ``name``, all on
-    the association's network (DUL) thread. A write error must not escape there:
-    it would kill the DUL thread and the peer would get an abort instead of a
-    status it understands. So the first OSError is recorded, the partial file is
-    removed at once (freeing the space), later writes are dropped, and the C-STORE
-    handler answers 0xA700 when it sees ``error``.
-
-    ``claim``/``discard`` decide, under a lock, who owns the file: the handler
-    (which publishes it) or the connection-closed cleanup (which deletes it).
-    """
-
-    def __init__(self, directory: Path):
-        self.path = directory / f"{os.getpid()}.recv.{os.urandom(8).hex()}{DCM}"
-        self.name = str(self.path)
-        self.file = self  # pynetdicom calls ``tmp.file.flush()``
-        self.error: OSError | None = None
-        self.written = 0
-        self._lock = threading.Lock()
-        self._state = "open"  # open -> claimed | discarded
-        self._f: Any = None
-        try:
-            self._f = open(self.path, "xb")  # noqa: SIM115 - lives across pynetdicom calls
-        except OSError as e:
-            self.error = e
-
-    def write(self, data: bytes) -> int:
-        if self.error is None and self._f is not None:
-            try:
-                self._f.write(data)
-                self.written += len(data)
-            except OSError as e:
-                self._fail(e)
-        return len(data)
-
-    def flush(self) -> None:
-        if self.error is None and self._f is not None:
-            try:
-                self._f.flush()
-            except OSError as e:
-                self._fail(e)
-
-    def _fail(self, err: OSError) -> None:
-        self.error = err
-        self._close_quietly()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-
-    def _close_quietly(self) -> None:
-        f, self._f = self._f, None
-        if f is not None:
-            try:
-                f.close()
-            except OSError as e:  # the buffered tail could not be written
-                if self.error is None:
-                    self.error = e
-
-    def close(self) -> None:
-        """Flush and close our handle; a failure becomes ``error`` like any write error."""
-        self._close_quietly()
-
-    def claim(self) -> bool:
-        """The C-STORE handler takes the file; False if the connection cleanup got it."""
-        with self._lock:
-            if self._state != "open":
-                return False
-            self._state = "claimed"
-            return True
-
-    def discard(self, force: bool = False) -> bool:
-        """Delete the file unless the handler owns it (or ``force``, the handler's own cleanup)."""
-        with self._lock:
-            if self._state == "claimed" and not force:
-                return False
-            self._state = "discarded"
-        self._close_quietly()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        return True
-
-
-# Receivers by their pynetdicom AE, so the temp-file factory knows where a file goes.
-_RECEIVERS: weakref.WeakKeyDictionary[Any, Receiver] = weakref.WeakKeyDictionary()
-_GLOBAL_LOCK = threading.Lock()
-_ACTIVE = 0
-_SAVED: dict[str, Any] = {}
-_ORIGINAL_NTF = dimse_messages.NamedTemporaryFile
-
-
-def _temp_file_factory(*args: Any, **kwargs: Any) -> Any:
-    """pynetdicom's NamedTemporaryFile, redirected into a receiver's spool/tmp.
-
-    Runs on the DUL thread of the association being received (a
-    ``DULServiceProvider`` with ``.assoc``). Associations of any other AE in the
-    process (a test's SCP, say) get pynetdicom's normal temp file.
-    """
-    assoc = getattr(threading.current_thread(), "assoc", None)
-    receiver = _RECEIVERS.get(getattr(assoc, "ae", None)) if assoc is not None else None
-    if receiver is None:
-        return _ORIGINAL_NTF(*args, **kwargs)
-    return receiver._new_temp_file(assoc)
-
-
-def _enter_process_config() -> None:
-    """pynetdicom's knobs are process-global: set them while a receiver runs, then restore.
-
-    Restoring matters in a test process, where another SCP (tests.peers.ScriptedSCP)
-    reads ``request.DataSet`` and would see it empty under chunked receive.
-    """
-    global _ACTIVE
-    with _GLOBAL_LOCK:
-        if _ACTIVE == 0:
-            _SAVED.update(
-                chunked=_config.STORE_RECV_CHUNKED_DATASET,
-                unrestricted=_config.UNRESTRICTED_STORAGE_SERVICE,
-                log_level=_config.LOG_HANDLER_LEVEL,
-                ntf=dimse_messages.NamedTemporaryFile,
-            )
-            _config.STORE_RECV_CHUNKED_DATASET = True
-            _config.UNRESTRICTED_STORAGE_SERVICE = True
-            _config.LOG_HANDLER_LEVEL = "none"
-            dimse_messages.NamedTemporaryFile = _temp_file_factory
-        _ACTIVE += 1
-
-
-def _leave_process_config() -> None:
-    global _ACTIVE
-    with _GLOBAL_LOCK:
-        _ACTIVE -= 1
-        if _ACTIVE == 0 and _SAVED:
-            _config.STORE_RECV_CHUNKED_DATASET = _SAVED["chunked"]
-            _config.UNRESTRICTED_STORAGE_SERVICE = _SAVED["unrestricted"]
-            _config.LOG_HANDLER_LEVEL = _SAVED["log_level"]
-            dimse_messages.NamedTemporaryFile = _SAVED["ntf"]
-            _SAVED.clear()
 
 
 # ---------------------------------------------------------------- the server
 
 
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's server, plus SO_REUSEPORT for sibling processes on one port.
-
-    No TCP_NODELAY on accepted sockets: our side only sends one small response
-    PDU per C-STORE, and measured with dcmsend (300 x 8 KB instances, one
-    association, alternating runs) it was never faster and often slower.
-    """
-
-    reuse_port = False
-
-    def server_bind(self) -> None:
-        if self.reuse_port:
-            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
-def _set_loop_delay(assoc: Any, delay: float) -> None:
-    """Per association (its own DUL object), never pynetdicom's class or module."""
-    with contextlib.suppress(AttributeError):
-        assoc.dul._run_loop_delay = delay
-
-
 def _uid(value: object) -> str:
     return str(value or "").rstrip("\0 ").strip()
-
-
-def _status_hex(code: int) -> str:
-    return f"0x{code:04X}"
 
 
 class Receiver:
@@ -288,10 +113,11 @@ class Receiver:
         self._closing = False
         self._lock = threading.Lock()
         self._temp_files: dict[int, set[SpoolTempFile]] = {}
-        # id(assoc) -> last C-STORE (monotonic), None once relaxed (see BUSY_LOOP_DELAY)
+        # id(assoc) -> last C-STORE (monotonic), None once relaxed (see LOOP_RELAX_AFTER)
         self._busy_at: dict[int, float | None] = {}
         self._in_handler = 0
-        self._entered = False
+        self._receiving = False
+        self._refusing = False   # refused for space or a write error since the last store
         self.received = 0
         self.refused = 0
         self.identity = f"{os.uname().nodename}:{os.getpid()}"
@@ -326,12 +152,15 @@ class Receiver:
         ae.network_timeout = rs.network_timeout
         # Any called AE title is accepted: rules may route on CalledAE.
         ae.require_called_aet = False
-        ae.add_supported_context(VERIFICATION)
+        ae.add_supported_context(pynetdicom_compat.VERIFICATION)
         self._ae = ae
-        _enter_process_config()
-        self._entered = True
-        _RECEIVERS[ae] = self
-        server_class = type("_HermesServer", (_Server,), {"reuse_port": self.reuse_port})
+        pynetdicom_compat.start_receiving(ae, self._new_temp_file)
+        self._receiving = True
+        # No TCP_NODELAY on accepted sockets: our side only sends one small response
+        # PDU per C-STORE, and measured with dcmsend (300 x 8 KB instances, one
+        # association, alternating runs) it was never faster and often slower.
+        server_class: type[ThreadedAssociationServer] = (
+            pynetdicom_compat.ReusePortServer if self.reuse_port else ThreadedAssociationServer)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -348,7 +177,7 @@ class Receiver:
         except BaseException:
             self._release_process_config()
             raise
-        ae._servers.append(server)  # AssociationServer.shutdown() removes itself from here
+        pynetdicom_compat.register_server(ae, server)
         self._server = server
         self._serve_thread = threading.Thread(target=server.serve_forever,
                                               name=f"hermes-receiver:{self.port}", daemon=True)
@@ -404,11 +233,9 @@ class Receiver:
                  self.refused)
 
     def _release_process_config(self) -> None:
-        if self._ae is not None:
-            _RECEIVERS.pop(self._ae, None)
-        if self._entered:
-            self._entered = False
-            _leave_process_config()
+        if self._receiving and self._ae is not None:
+            self._receiving = False
+            pynetdicom_compat.stop_receiving(self._ae)
 
     def __enter__(self) -> Receiver:
         return self.start()
@@ -431,9 +258,9 @@ class Receiver:
                 LOG.warning("sweeping %s failed: %s", self.spool.tmp, e)
 
     def _busy(self, assoc: Any) -> None:
-        """An association is receiving: let its DUL poll fast (see BUSY_LOOP_DELAY)."""
+        """An association is receiving: let its DUL poll fast (see pynetdicom_compat)."""
         if self._busy_at.get(id(assoc)) is None:
-            _set_loop_delay(assoc, BUSY_LOOP_DELAY)
+            pynetdicom_compat.set_loop_delay(assoc, pynetdicom_compat.BUSY_LOOP_DELAY)
         self._busy_at[id(assoc)] = time.monotonic()
 
     def _relax_idle(self) -> None:
@@ -444,7 +271,7 @@ class Receiver:
         for assoc in list(ae.active_associations):
             at = self._busy_at.get(id(assoc))
             if at is not None and now - at > LOOP_RELAX_AFTER:
-                _set_loop_delay(assoc, IDLE_LOOP_DELAY)
+                pynetdicom_compat.set_loop_delay(assoc, pynetdicom_compat.IDLE_LOOP_DELAY)
                 self._busy_at[id(assoc)] = None
 
     # ------------------------------------------------------------ temp files
@@ -495,9 +322,8 @@ class Receiver:
                 reason, rsd = (f"too many associations (max_associations "
                                f"{self.settings.max_associations})"), REJECT_TOO_MANY
         if reason is not None:
-            log.event(LOG, "rejected", level=logging.WARNING, calling=calling,
-                      peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
-                      reason=reason)
+            emit(LOG, Event.REJECTED, level=logging.WARNING, calling=calling,
+                 peer=f"{assoc.requestor.address}:{assoc.requestor.port}", reason=reason)
             assoc.acse.send_reject(*rsd)
             # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is out,
             # or the reactor closes the socket first and the peer sees an abort.
@@ -505,12 +331,22 @@ class Receiver:
             return
         self._busy(assoc)
 
-    def _refuse(self, sop: str, reason: str, peer: str, code: int = OUT_OF_RESOURCES) -> int:
+    def _refuse(self, sop: str, reason: str, peer: str, code: int = OUT_OF_RESOURCES,
+                cannot_store: bool = False) -> int:
+        """Answer a failure status; ``cannot_store`` (no space, a write error) is the receiver's
+        own trouble, and the first such refusal after a store is a ``receiving_refused``."""
         with self._lock:
             self.refused += 1
+            began = cannot_store and not self._refusing
+            if cannot_store:
+                self._refusing = True
         fields: dict[str, Any] = {"from": peer}  # "from" is a keyword in Python
-        log.event(LOG, "refused", sop=sop, level=logging.WARNING, status=_status_hex(code),
-                  reason=reason, **fields)
+        emit(LOG, Event.REFUSED, sop, level=logging.WARNING, status=hex_status(code),
+             reason=reason, **fields)
+        if began:
+            emit(LOG, Event.RECEIVING_REFUSED, level=logging.ERROR, status=hex_status(code),
+                 reason=reason, message=f"receiver {self.identity} is REFUSING C-STOREs: "
+                                        f"{reason}; senders keep their copies and retry")
         return code
 
     def _on_store(self, event: evt.Event) -> int:
@@ -558,34 +394,28 @@ class Receiver:
             if free < self.cfg.spool.min_free_mb:
                 return self._refuse(
                     sop, f"spool free space {free:.0f} MB is below min_free_mb "
-                         f"{self.cfg.spool.min_free_mb} MB", peer)
+                         f"{self.cfg.spool.min_free_mb} MB", peer, cannot_store=True)
             size = os.stat(tmp.path).st_size
             name = new_name(sop)
-            sidecar = {
-                "name": name,
-                "sop_instance_uid": sop,
-                "sop_class_uid": sop_class,
-                "transfer_syntax": ts,
-                "source": "network",
-                "received_at": now_iso(),
-                "calling_ae": calling,
-                "called_ae": called,
-                "peer_address": assoc.requestor.address,
-                "peer_port": assoc.requestor.port,
-                "size": size,
-                "received_by": self.identity,
-            }
+            sidecar = sc.network(name, sop, sop_class, ts, calling_ae=calling, called_ae=called,
+                                 peer_address=assoc.requestor.address,
+                                 peer_port=assoc.requestor.port, size=size,
+                                 received_by=self.identity)
             published = self.spool.publish(tmp.path, self.spool.incoming, name, sidecar)
             with self._lock:
                 self.received += 1
+                resumed, self._refusing = self._refusing, False
             fields: dict[str, Any] = {"from": peer}
-            log.event(LOG, "received", sop=sop, name=name, ts=ts, size=size, **fields)
+            emit(LOG, Event.RECEIVED, sop, name=name, ts=ts, size=size, **fields)
+            if resumed:
+                emit(LOG, Event.RECEIVING_RESUMED, level=logging.WARNING,
+                     message=f"receiver {self.identity} stores C-STOREs again")
             return SUCCESS
         except OSError as e:
-            self._unpublish(name, published)
+            self._unpublish(name)
             return self._write_failed(sop, e, peer)
         except Exception as e:  # a bug must cost one instance's answer, never the server
-            self._unpublish(name, published)
+            self._unpublish(name)
             LOG.exception("C-STORE handler failed for sop=%s from=%s", sop, peer)
             return self._refuse(sop, f"internal error: {type(e).__name__}: {e}", peer,
                                 CANNOT_UNDERSTAND)
@@ -600,15 +430,16 @@ class Receiver:
         reason = f"{what.get(err.errno or 0, 'spool write error')}: {err.strerror or err}"
         if err.filename:
             reason += f" ({err.filename})"
-        return self._refuse(sop, reason, peer)
+        return self._refuse(sop, reason, peer, cannot_store=True)
 
-    def _unpublish(self, name: str, published: Path | None) -> None:
+    def _unpublish(self, name: str) -> None:
         """A failure after the sidecar/rename: we answer a refusal, so remove what we made."""
-        if not name:
-            return
-        for p in (self.spool.incoming / (name + DCM), self.spool.incoming / (name + JSON)):
-            with contextlib.suppress(OSError):
-                os.unlink(p)
+        if name:
+            try:
+                self.spool.remove(self.spool.incoming / (name + DCM))
+            except OSError as e:
+                LOG.error("cannot remove %s from incoming/ after refusing it (%s): it will be "
+                          "routed although the sender was told it failed", name, e)
 
     def _adopt_foreign_temp(self, req: Any) -> SpoolTempFile:
         src = Path(req._dataset_path)
@@ -620,99 +451,24 @@ class Receiver:
                     while chunk := fi.read(1 << 20):
                         f.write(chunk)
             except OSError as e:
-                f._fail(e)
+                f.fail(e)
         return f
 
 
-# ---------------------------------------------------------------- processes
-
-
-def _install_signals(stop: threading.Event) -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
-def _log_options() -> tuple[str, str]:
-    root = logging.getLogger()
-    level = logging.getLevelName(root.level) if root.level else "INFO"
-    fmt = "json" if any(type(h.formatter).__name__ == "_JsonFormatter"
-                        for h in root.handlers) else "text"
-    return str(level), fmt
-
-
-def _spawn_sibling(cfg: Settings, port: int, index: int) -> subprocess.Popen[bytes]:
-    level, fmt = _log_options()
-    code = ("import sys; from hermes_py import receiver; "
-            "sys.exit(receiver.sibling_main(sys.argv[1:]))")
-    return subprocess.Popen([sys.executable, "-c", code, str(cfg.path), str(port), str(index),
-                             level, fmt, str(os.getpid())])
+# ---------------------------------------------------------------- process
 
 
 def run(cfg: Settings) -> int:
-    """``hermes-py receive``: serve until SIGTERM/SIGINT, then stop cleanly and return 0."""
+    """``hermes-py receive``: serve until SIGTERM/SIGINT, then stop cleanly and return 0.
+
+    With ``[receiver] processes`` > 1 this is one of the receivers on the port
+    (SO_REUSEPORT): serve starts them all; run alone, start as many yourself.
+    """
     stop = threading.Event()
-    _install_signals(stop)
-    n = cfg.receiver.processes
-    receiver = Receiver(cfg, reuse_port=n > 1).start()
-    siblings: dict[int, subprocess.Popen[bytes]] = {}
-    started: dict[int, float] = {}
-    restart_at: dict[int, float] = {}
-
-    def spawn(i: int) -> None:
-        siblings[i] = _spawn_sibling(cfg, receiver.port, i)
-        started[i] = time.monotonic()
-
+    stop_on_signals(stop)
+    receiver = Receiver(cfg, reuse_port=cfg.receiver.processes > 1).start()
     try:
-        for i in range(1, n):
-            spawn(i)
-        while not stop.wait(1.0):
-            now = time.monotonic()
-            for i, p in list(siblings.items()):
-                if p.poll() is None:
-                    continue
-                if i not in restart_at:
-                    # one that dies at once (bad config, port taken) is retried slowly
-                    quick = now - started[i] < SIBLING_MIN_LIFE
-                    restart_at[i] = now + (SIBLING_RESTART_DELAY if quick else 0.0)
-                    LOG.warning("receiver sibling %d (pid %d) exited with %s; restarting it%s",
-                                i, p.pid, p.returncode,
-                                f" in {SIBLING_RESTART_DELAY:g}s" if quick else "")
-                if now >= restart_at[i]:
-                    del restart_at[i]
-                    spawn(i)
-    finally:
-        for p in siblings.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        receiver.stop()
-        for p in siblings.values():
-            try:
-                p.wait(STOP_GRACE + 10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-    return 0
-
-
-def sibling_main(argv: list[str]) -> int:
-    """A SO_REUSEPORT sibling started by :func:`run`; exits with its parent."""
-    path, port, index, level, fmt, parent_pid = argv
-    log.setup(level, fmt, process=f"receive:{index}")
-    cfg = load(path)
-    stop = threading.Event()
-    _install_signals(stop)
-    # The pid from the command line, not getppid() now: the parent may already be gone.
-    parent = int(parent_pid)
-    if os.getppid() != parent:
-        return 0
-    receiver = Receiver(cfg, reuse_port=True, port=int(port)).start()
-    try:
-        while not stop.wait(1.0):
-            if os.getppid() != parent:  # the parent died (kill -9): do not linger
-                LOG.warning("receiver sibling %s: parent process gone, stopping", index)
-                break
+        stop.wait()
     finally:
         receiver.stop()
     return 0

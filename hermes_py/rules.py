@@ -4,8 +4,8 @@ Everything here is a pure function of the rules and of a flat ``values`` dict
 (DICOM keyword -> text of the element, plus the receive facts CallingAE,
 CalledAE, PeerAddress, Source), so the router and ``hermes-py rules test`` give
 the same answer for the same file, and the property tests can check the matcher
-without a spool. The only I/O is ``read_header``: the header, once, without the
-pixel data.
+without a spool. There is no I/O here: the router reads the header with
+``dicomfile.read_header`` (once, without the pixel data) and passes its values in.
 
 Decision semantics (what a person writing rules.toml can rely on):
 
@@ -23,23 +23,18 @@ Decision semantics (what a person writing rules.toml can rely on):
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import struct
-import sys
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Literal
 
-import pydicom
-from pydicom import config as pydicom_config
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
+from hermes_py.durations import fmt_duration
+from hermes_py.spool.names import sanitize
+from hermes_py.spool.sidecar import HeldRecord, Routing
 
-from hermes_py.config import RECEIVE_KEYS, Condition, Rule, Settings
-from hermes_py.spool import JSON, sanitize
+# Keys a rule may test besides DICOM keywords: facts about how the instance arrived.
+RECEIVE_KEYS = ("CallingAE", "CalledAE", "PeerAddress", "Source")
 
 # Read for every instance whatever the rules say: the name, the class, and the
 # keys of series/study batches (also written to the sidecar for admin and dispatcher).
@@ -50,112 +45,108 @@ _FACT_KEYS = {"calling_ae": "CallingAE", "called_ae": "CalledAE", "peer_address"
               "source": "Source"}
 
 _LEVEL_UID = {"series": "SeriesInstanceUID", "study": "StudyInstanceUID"}
-_PIXEL_DATA = 0x7FE00010
 
 Values = Mapping[str, str | None]
 
 
-class UnreadableError(Exception):
-    """The file cannot be routed (not DICOM, a broken or truncated header): error/ with this."""
+# ---------------------------------------------------------------- the rule model
 
 
-# ---------------------------------------------------------------- reading
+def is_glob(pattern: str) -> bool:
+    return "*" in pattern or "?" in pattern
+
+
+def _glob_regex(pattern: str) -> str:
+    """``*`` any run of characters, ``?`` exactly one; everything else literal.
+
+    Deliberately not fnmatch: ``[`` is an ordinary character in DICOM values
+    ("[CT] HEAD"), so a rule written with one must match it literally.
+    """
+    return "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One ``match``/``exclude`` entry: a key and the patterns any of which may hold.
+
+    Patterns are exact strings or globs (``*``, ``?``); ``regex`` (searched, not
+    anchored: write ``^...$`` to anchor) replaces them. With ``ignore_case`` the
+    value and the patterns are compared casefolded. The patterns are compiled
+    once here so the router pays one set lookup or one regex per value.
+    """
+
+    key: str
+    patterns: tuple[str, ...]
+    regex: re.Pattern[str] | None = None
+    ignore_case: bool = False
+    source: str = ""  # the TOML value as written, for explanations
+    _exact: frozenset[str] = field(init=False, repr=False, compare=False)
+    _glob: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pats = [p.casefold() if self.ignore_case else p for p in self.patterns]
+        globs = [p for p in pats if is_glob(p)]
+        object.__setattr__(self, "_exact", frozenset(p for p in pats if not is_glob(p)))
+        object.__setattr__(self, "_glob", re.compile(
+            "|".join(f"(?:{_glob_regex(g)})" for g in globs), re.DOTALL) if globs else None)
+
+    @property
+    def kind(self) -> str:
+        if self.regex is not None:
+            return "regex"
+        return "glob" if self._glob is not None else "exact"
+
+    def holds(self, value: str | None) -> bool:
+        """Whether the condition holds for one element's value (None: element absent).
+
+        Multi-valued DICOM elements arrive joined with backslashes
+        (``ORIGINAL\\PRIMARY\\AXIAL``): the condition holds if it holds for any
+        single value, or for the whole joined string. An absent element never
+        satisfies a condition (so ``"*"`` means "present"); an empty one is "".
+        """
+        if value is None:
+            return False
+        if "\\" in value:
+            return self._holds_one(value) or any(self._holds_one(v) for v in value.split("\\"))
+        return self._holds_one(value)
+
+    def _holds_one(self, value: str) -> bool:
+        if self.regex is not None:
+            return self.regex.search(value) is not None
+        v = value.casefold() if self.ignore_case else value
+        if v in self._exact:
+            return True
+        return self._glob is not None and self._glob.fullmatch(v) is not None
+
+
+Level = Literal["instance", "series", "study"]
+Priority = Literal["urgent", "normal"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    match: tuple[Condition, ...] = ()
+    exclude: tuple[Condition, ...] = ()
+    to: tuple[str, ...] = ()
+    action: Literal["route", "discard"] = "route"
+    level: Level = "instance"
+    quiet_for: float = 60.0
+    priority: Priority = "normal"
+    line: int | None = None
+
+    @property
+    def keys(self) -> set[str]:
+        return {c.key for c in (*self.match, *self.exclude)}
+
+
+# ---------------------------------------------------------------- what to read
 
 
 def keywords_for(rules: Iterable[Rule]) -> tuple[str, ...]:
     """The tags to read: the ones the rules test plus HEADER_KEYWORDS, nothing else."""
     used = {c.key for r in rules for c in (*r.match, *r.exclude) if c.key not in RECEIVE_KEYS}
     return tuple(dict.fromkeys([*HEADER_KEYWORDS, *sorted(used)]))
-
-
-def element_text(ds: Dataset, keyword: str) -> str | None:
-    """An element as the text a condition is tested against; None when absent.
-
-    Multi-valued elements are joined with backslashes as on the wire, numbers as
-    written (DS/IS keep their original string), person names as ``FAMILY^GIVEN``.
-    """
-    if keyword not in ds:
-        return None
-    value = ds[keyword].value
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue | list | tuple):
-        return "\\".join(_text(v) for v in value)
-    return _text(value)
-
-
-def _text(v: Any) -> str:
-    if isinstance(v, bytes):
-        return v.decode("latin-1").rstrip(" \0")
-    return "" if v is None else str(v)
-
-
-def read_header(path: Path | str, keywords: Sequence[str]) -> dict[str, str | None]:
-    """The values of ``keywords`` from the header of ``path``; never reads the pixel data.
-
-    Raises UnreadableError for anything that means "this file can never be
-    routed" (so the caller moves it to error/ instead of retrying it forever),
-    FileNotFoundError when it vanished, and OSError for I/O trouble that may pass.
-    """
-    try:
-        with open(path, "rb") as fp:
-            try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=list(keywords))
-            except InvalidDicomError:
-                raise UnreadableError("not a DICOM Part-10 file (no 'DICM' prefix after the "
-                                      "128-byte preamble)") from None
-            except (OSError, MemoryError):
-                raise
-            except Exception as e:  # pydicom raises many kinds on a broken header
-                raise UnreadableError(
-                    f"cannot parse the DICOM header: {type(e).__name__}: {e}") from None
-            _check_pixel_data_complete(fp, ds)
-    except OSError as e:
-        if e.errno in (errno.EIO, errno.EISDIR, errno.EACCES, errno.EPERM):
-            raise UnreadableError(f"cannot read the file: {e.strerror or e}") from None
-        raise
-    values: dict[str, str | None] = {}
-    for kw in keywords:
-        try:
-            values[kw] = element_text(ds, kw)
-        except Exception as e:
-            raise UnreadableError(f"cannot decode {kw}: {type(e).__name__}: {e}") from None
-    if not values.get("SOPInstanceUID"):
-        meta_uid = ds.file_meta.get("MediaStorageSOPInstanceUID") if ds.file_meta else None
-        if not meta_uid:
-            raise UnreadableError("no SOP Instance UID in the header")
-        values["SOPInstanceUID"] = str(meta_uid)
-    return values
-
-
-def _check_pixel_data_complete(fp: BinaryIO, ds: Dataset) -> None:
-    """A file cut inside its pixel data still parses (pydicom stops quietly at EOF).
-
-    dcmread(stop_before_pixels) leaves the file at the Pixel Data element; its
-    12-byte header gives the length, which the file size must cover. Encapsulated
-    (undefined length) data is not checked: that would mean walking the fragments.
-    """
-    pos = fp.tell()
-    head = fp.read(12)
-    if len(head) < 8:
-        return
-    little = ds.is_little_endian if ds.is_little_endian is not None else True
-    e = "<" if little else ">"
-    group, elem = struct.unpack(e + "HH", head[:4])
-    if (group << 16 | elem) != _PIXEL_DATA:
-        return
-    if ds.is_implicit_VR:
-        length, header = struct.unpack(e + "L", head[4:8])[0], 8
-    elif len(head) == 12:
-        length, header = struct.unpack(e + "L", head[8:12])[0], 12
-    else:
-        raise UnreadableError("truncated: the file ends inside the Pixel Data header")
-    if length == 0xFFFFFFFF:
-        return
-    size = fp.seek(0, 2)
-    if size < pos + header + length:
-        raise UnreadableError(f"truncated: Pixel Data needs {length} bytes, the file has "
-                              f"{max(0, size - pos - header)}")
 
 
 def receive_facts(sidecar: Mapping[str, Any]) -> dict[str, str | None]:
@@ -218,10 +209,10 @@ class Hold:
     quiet_for: float
     destinations: Mapping[str, str]  # destination -> priority
 
-    def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "rule": self.rule, "level": self.level, "uid": self.uid,
-                "quiet_for": self.quiet_for, "destinations": list(self.destinations),
-                "priorities": dict(self.destinations)}
+    def to_json(self) -> HeldRecord:
+        return HeldRecord(key=self.key, rule=self.rule, level=self.level, uid=self.uid,
+                          quiet_for=self.quiet_for, destinations=list(self.destinations),
+                          priorities=dict(self.destinations))
 
     @classmethod
     def from_json(cls, d: Any) -> Hold:
@@ -265,16 +256,14 @@ class Decision:
             out.extend(d for d in h.destinations if d not in out)
         return out
 
-    def to_routing(self, at: str) -> dict[str, Any]:
+    def to_routing(self, at: str) -> Routing:
         """The ``routing`` object of the sidecar (docs/internals.md)."""
         prios = dict(self.destinations)
         for h in self.holds:
             prios.update(h.destinations)
-        data: dict[str, Any] = {
-            "at": at, "rules": list(self.rules), "destinations": self.all_destinations,
-            "discarded_by": self.discarded_by, "priorities": prios,
-            "held": [h.to_json() for h in self.holds],
-        }
+        data = Routing(at=at, rules=list(self.rules), destinations=self.all_destinations,
+                       discarded_by=self.discarded_by, priorities=prios,
+                       held=[h.to_json() for h in self.holds])
         if self.discard:
             data["reason"] = self.reason
         return data
@@ -362,14 +351,7 @@ def evaluate(rules: Sequence[Rule], values: Values) -> Decision:
     return Decision(destinations=now, holds=tuple(holds), rules=names, verdicts=verdicts)
 
 
-# ---------------------------------------------------------------- the two CLI verbs
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds * 1000)}ms" if seconds < 1 else f"{seconds:g}s"
+# ---------------------------------------------------------------- explanations
 
 
 def describe_rule(rule: Rule) -> str:
@@ -383,48 +365,10 @@ def describe_rule(rule: Rule) -> str:
     else:
         where = ", ".join(rule.to)
         if rule.level != "instance":
-            where += f" (whole {rule.level}, after {_duration(rule.quiet_for)} quiet)"
+            where += f" (whole {rule.level}, after {fmt_duration(rule.quiet_for)} quiet)"
         if rule.priority == "urgent":
             where += " [urgent]"
     return f"{cond} -> {where}"
-
-
-def check(cfg: Settings) -> int:
-    """``hermes-py rules check``: the file validated (cli.main loaded it); say what it does."""
-    out = sys.stdout
-    r = cfg.receiver
-    print(f"{cfg.path}: OK", file=out)
-    print(f"receiver: {r.ae_title} on {r.bind}:{r.port}", file=out)
-    print(f"spool: {cfg.spool.path}", file=out)
-    print(f"destinations ({len(cfg.destinations)}):", file=out)
-    width = max((len(n) for n in cfg.destinations), default=0)
-    for name, d in cfg.destinations.items():
-        print(f"  {name:<{width}}  {d.ae_title}@{d.host}:{d.port} (calling as "
-              f"{d.calling_ae_title})", file=out)
-    print(f"rules ({len(cfg.rules)}):", file=out)
-    for i, rule in enumerate(cfg.rules, 1):
-        print(f"  {i}. {rule.name}: {describe_rule(rule)}", file=out)
-    used = {d for rule in cfg.rules for d in rule.to}
-    for name in cfg.destinations:
-        if name not in used:
-            print(f"note: no rule sends to destination {name!r}", file=out)
-    if not any(rule.action == "route" for rule in cfg.rules):
-        print("note: no routing rule: every instance will go to discard/", file=out)
-    return 0
-
-
-def _facts_for_file(path: Path) -> tuple[dict[str, str | None], str]:
-    """Receive facts from a spool sidecar beside the file, else those of a dropped file."""
-    sidecar = path.with_suffix(JSON)
-    if path.suffix.lower() == ".dcm" and sidecar.is_file():
-        from hermes_py.spool import Spool
-        data = Spool.read_json(sidecar)
-        if data.get("source") or data.get("sop_instance_uid"):
-            facts = receive_facts(data)
-            shown = ", ".join(f"{k}={v}" for k, v in facts.items() if v is not None)
-            return facts, f"receive facts from {sidecar.name}: {shown or 'none'}"
-    return ({"CallingAE": None, "CalledAE": None, "PeerAddress": None, "Source": "drop"},
-            "no sidecar: tested as a dropped file: Source=drop, no AE titles or address")
 
 
 def explain(decision: Decision) -> list[str]:
@@ -446,37 +390,6 @@ def explain(decision: Decision) -> list[str]:
     for h in decision.holds:
         for d, p in h.destinations.items():
             where.append(f"{d}{' [urgent]' if p == 'urgent' else ''} (held with {h.level} "
-                         f"{h.uid or '(no UID)'} until {_duration(h.quiet_for)} quiet)")
+                         f"{h.uid or '(no UID)'} until {fmt_duration(h.quiet_for)} quiet)")
     lines.append("  => " + "; ".join(where))
     return lines
-
-
-def dry_run(cfg: Settings, paths: Sequence[Path]) -> int:
-    """``hermes-py rules test FILE...``: what the router would do with each file, and why.
-
-    Returns 0 when every file could be evaluated, 1 when some could not be read.
-    """
-    keywords = keywords_for(cfg.rules)
-    failures = 0
-    previous = pydicom_config.settings.reading_validation_mode
-    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-    try:
-        for path in paths:
-            try:
-                values = read_header(path, keywords)
-            except UnreadableError as e:
-                print(f"{path}:\n  => error: {e} (the router would move it to error/)")
-                failures += 1
-                continue
-            except OSError as e:
-                print(f"{path}:\n  => cannot read: {e.strerror or e}")
-                failures += 1
-                continue
-            facts, note = _facts_for_file(Path(path))
-            decision = evaluate(cfg.rules, {**values, **facts})
-            print(f"{path}: sop={values.get('SOPInstanceUID')}  ({note})")
-            for line in explain(decision):
-                print(line)
-    finally:
-        pydicom_config.settings.reading_validation_mode = previous
-    return 1 if failures else 0

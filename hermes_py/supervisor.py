@@ -8,10 +8,12 @@ The supervisor:
 
 - holds ``locks/serve.lock`` (flock) for its life, so a second ``serve`` on the
   same spool refuses to start, and a crashed one never leaves a stale lock;
-- starts ``receive``, ``route``, one ``dispatch NAME`` per destination and
-  ``clean`` as ``python -m hermes_py VERB -c CONFIG``; they stay in its process
-  group and get SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so no orphan
-  keeps a port or a claim;
+- starts ``receive`` (``[receiver] processes`` of them, sharing the port),
+  ``intake`` (when ``[intake] enabled``), ``route``, one ``dispatch NAME`` per
+  destination and ``clean`` as ``python -m hermes_py VERB -c CONFIG``; they stay
+  in its process group and get SIGTERM if the supervisor dies
+  (PR_SET_PDEATHSIG, ``process.child_setup``), so no orphan keeps a port or a
+  claim;
 - restarts a child that exits, after 1, 2, 4 ... 60 s (reset once it ran a
   minute), and logs each exit and restart;
 - on SIGTERM/SIGINT stops the receiver first (it stops accepting and finishes
@@ -21,15 +23,15 @@ The supervisor:
   forwards SIGHUP to the router (which reloads its rules), starts dispatchers
   for new destinations, stops removed ones, and restarts a piece whose own
   settings changed;
-- reads the children's log lines (JSON on a pipe), counts instance events for
-  the metrics, and writes them to its stderr in the format the admin chose;
+- reads the children's log lines (JSON on a pipe), turns their events back into
+  ``events.Occurrence`` for its own hub (the metrics subscribe there), and writes
+  every line to its stderr in the format the admin chose;
 - records itself and its children in ``state/serve.json`` for ``status``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -40,24 +42,20 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
 from typing import IO, Any
 
 from hermes_py.config import Settings, parse
 from hermes_py.errors import HermesError
+from hermes_py.events import Hub, Occurrence
+from hermes_py.log import local_stamp, text_line
 from hermes_py.metrics import Counters, MetricsServer
+from hermes_py.process import LAST_GOOD_ENV, SUPERVISED_ENV
 from hermes_py.spool import Spool, now_iso
 
 LOG = logging.getLogger(__name__)
 
-# Environment marker: a child started by serve (see child_setup()).
-SUPERVISED_ENV = "HERMES_PY_SUPERVISOR_PID"
-# The text of the last rules.toml serve validated: a child restarted while the file on
-# disk is invalid starts with it instead of crash-looping (see cli.load_config).
-LAST_GOOD_ENV = "HERMES_PY_LAST_GOOD_CONFIG"
+# The text of the last rules.toml serve validated (see process.LAST_GOOD_ENV).
 LAST_GOOD_FILE = "config.last-good.toml"
-STATE_FILE = "serve.json"
 
 RESTART_MIN = 1.0
 RESTART_MAX = 60.0
@@ -70,36 +68,11 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
-def child_setup() -> None:
-    """In a child of serve: die with the supervisor instead of living on as an orphan.
-
-    Called by ``cli.main`` when SUPERVISED_ENV is set. prctl is Linux-only; where
-    it is missing the child simply outlives a kill -9 of its supervisor.
-    """
-    parent = os.environ.get(SUPERVISED_ENV)
-    if not parent:
-        return
-    # serve started us with SIGHUP blocked: one that arrived while we were starting
-    # is discarded here, not fatal (the default action). A stage that reloads on
-    # SIGHUP (the router) installs its own handler; the others ignore it, terminal
-    # hangups included.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if str(os.getppid()) != parent:
-        # The supervisor died before prctl took effect.
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 @dataclass
 class Child:
     """One supervised piece: its argv tail, its process, its restart bookkeeping."""
 
-    name: str                      # "receive", "route", "dispatch:pacs", "clean"
+    name: str                      # "receive" (or "receive:1"...), "route", "dispatch:pacs"
     args: list[str]
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
@@ -137,6 +110,9 @@ class Supervisor:
             self.user_level = logging.INFO
         self.children: dict[str, Child] = {}
         self.counters = Counters()
+        # The children's events, as this process learns them from their log records.
+        self.events = Hub()
+        self.events.connect(self.counters.observe)
         self.metrics: MetricsServer | None = None
         self._stop_signal: int | None = None
         self._signals = 0
@@ -149,7 +125,13 @@ class Supervisor:
     # ------------------------------------------------------------ children
 
     def _wanted(self, cfg: Settings) -> dict[str, list[str]]:
-        want = {"receive": ["receive"], "route": ["route"]}
+        """Postfix's master.cf, from rules.toml: which children, under which names."""
+        n = cfg.receiver.processes
+        want = {"receive": ["receive"]} if n == 1 else {
+            f"receive:{i}": ["receive"] for i in range(1, n + 1)}
+        if cfg.intake.enabled:
+            want["intake"] = ["intake"]
+        want["route"] = ["route"]
         for name in cfg.destinations:
             want[f"dispatch:{name}"] = ["dispatch", name]
         want["clean"] = ["clean"]
@@ -251,7 +233,9 @@ class Supervisor:
             out = line if self.log_format != "json" else json.dumps(
                 {"time": now_iso(), "level": "error", "process": name, "message": line})
         else:
-            self.counters.observe(rec)
+            occurrence = Occurrence.from_record(rec)
+            if occurrence is not None:
+                self.events.send(occurrence)
             level = _LEVELS.get(str(rec.get("level", "info")).lower(), logging.INFO)
             if level < self.user_level:
                 return
@@ -269,15 +253,8 @@ class Supervisor:
     @staticmethod
     def _text(name: str, rec: dict[str, Any]) -> str:
         """The same shape log.setup's text format gives the supervisor's own lines."""
-        t = rec.get("time")
-        stamp = ""
-        if isinstance(t, str):
-            with contextlib.suppress(ValueError):
-                stamp = datetime.fromisoformat(t.replace("Z", "+00:00")).astimezone() \
-                    .strftime("%Y-%m-%d %H:%M:%S")
-        stamp = stamp or time.strftime("%Y-%m-%d %H:%M:%S")
-        level = str(rec.get("level", "info")).upper()
-        text = f"{stamp} {level:<7} {name} {rec.get('logger', '?')}: {rec.get('message', '')}"
+        text = text_line(local_stamp(rec.get("time")), str(rec.get("level", "info")), name,
+                         str(rec.get("logger", "?")), str(rec.get("message", "")))
         if rec.get("exception"):
             text += "\n" + str(rec["exception"])
         return text
@@ -297,9 +274,9 @@ class Supervisor:
         if stopped:
             data["stopped_at"] = now_iso()
         try:
-            self.spool.write_json(self.spool.state / STATE_FILE, data)
+            self.spool.write_json(self.spool.serve_state, data)
         except OSError as e:
-            LOG.warning("cannot write %s: %s", self.spool.state / STATE_FILE, e)
+            LOG.warning("cannot write %s: %s", self.spool.serve_state, e)
 
     def _extra_metrics(self) -> list[str]:
         out = ["# HELP hermes_child_up 1 if the supervised process runs",
@@ -378,12 +355,12 @@ class Supervisor:
         # the router reloads its rules itself on SIGHUP.
         changed: list[str] = []
         if new.receiver != old.receiver:
-            changed.append("receive")
+            changed += [n for n in want if n == "receive" or n.startswith("receive:")]
         for name, d in new.destinations.items():
             if name in old.destinations and old.destinations[name] != d:
                 changed.append(f"dispatch:{name}")
         if new.intake != old.intake:
-            changed.append("route")      # the router applies its rules live, not [intake]
+            changed.append("intake")
         if new.spool != old.spool:
             changed.append("clean")
         for name in changed:
@@ -424,7 +401,7 @@ class Supervisor:
                     LOG.warning("%s stopped: %s", c.name, _describe_exit(code))
 
         kids = list(self.children.values())
-        receivers = [c for c in kids if c.name == "receive"]
+        receivers = [c for c in kids if c.args == ["receive"]]
         stop(receivers, RECEIVER_GRACE)
         stop([c for c in kids if c not in receivers], OTHERS_GRACE)
         for c in kids:
@@ -434,7 +411,7 @@ class Supervisor:
     def run(self) -> int:
         lock = self.spool.lock("serve")
         if not lock.acquire():
-            state = self.spool.read_json(self.spool.state / STATE_FILE)
+            state = self.spool.read_json(self.spool.serve_state)
             who = f" (pid {state['pid']} on {state.get('host', '?')})" if state.get("pid") else ""
             raise HermesError(f"another hermes-py serve is already running on spool "
                               f"{self.spool.root}{who}; stop it first")
@@ -493,6 +470,3 @@ class Supervisor:
 def serve(cfg: Settings, log_level: str = "INFO", log_format: str = "text") -> int:
     return Supervisor(cfg, log_level, log_format).run()
 
-
-def state_path(spool: Spool) -> Path:
-    return spool.state / STATE_FILE

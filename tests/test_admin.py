@@ -19,8 +19,8 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from hermes_py.admin import VERIFICATION
-from hermes_py.spool import Spool, new_name
+from hermes_py.pynetdicom_compat import VERIFICATION
+from hermes_py.spool import Flag, Spool, new_name
 from tests.dicomgen import make_instance, save, write_series
 from tests.peers import ScriptedSCP, free_port
 from tests.test_cli import make_rules, one_error_line, put, run
@@ -75,7 +75,7 @@ def known(rules: Path) -> dict[str, Any]:
     spool.write_json(spool.state_file("pacs"), {
         "destination": "pacs", "state": "backoff", "backoff_until": now + 600,
         "last_error": {"at": "t", "kind": "association rejected", "detail": "(1,1,7)"}})
-    spool.hold_flag("ris").write_text("{}")
+    spool.flag("ris", Flag.HOLD).write_text("{}")
     # shared folders
     put(spool, spool.incoming, "1.3.1")
     put(spool, spool.incoming, "1.3.2")
@@ -226,16 +226,16 @@ def test_hold_release_flush_flags(rules: Path) -> None:
     spool = _spool(rules)
     cp = run("hold", "pacs", "-c", rules)
     assert cp.returncode == 0, cp.stderr
-    assert spool.hold_flag("pacs").exists() and not spool.hold_flag("ris").exists()
+    assert spool.flag("pacs", Flag.HOLD).exists() and not spool.flag("ris", Flag.HOLD).exists()
     assert "held" in cp.stdout
     assert run("hold", "pacs", "-c", rules).stdout.startswith("pacs: already held")
     cp = run("flush", "pacs", "-c", rules)
-    assert cp.returncode == 0 and spool.flush_flag("pacs").exists()
+    assert cp.returncode == 0 and spool.flag("pacs", Flag.FLUSH).exists()
     assert "is held" in cp.stdout
     cp = run("status", "--json", "-c", rules)
     assert json.loads(cp.stdout)["destinations"]["pacs"]["state"] == "held"
     cp = run("release", "pacs", "-c", rules)
-    assert cp.returncode == 0 and not spool.hold_flag("pacs").exists()
+    assert cp.returncode == 0 and not spool.flag("pacs", Flag.HOLD).exists()
     assert "was not held" in run("release", "pacs", "-c", rules).stdout
 
 

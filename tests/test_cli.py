@@ -273,7 +273,7 @@ def test_python_m_entry_point(rules: Path) -> None:
 
 
 def test_time_formats() -> None:
-    from hermes_py.admin import human_age
+    from hermes_py.durations import human_age
     assert human_age(None) == "-"
     assert human_age(42) == "42s"
     assert human_age(12 * 60 + 5) == "12m"

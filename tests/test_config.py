@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from hermes_py.config import ConfigError, load, parse, parse_duration
+from hermes_py.rules import HEADER_KEYWORDS, keywords_for
 
 HERE = Path(__file__).resolve().parent
 HERMES = Path(sys.executable).parent / "hermes-py"
@@ -250,7 +251,8 @@ def test_issue_example_parses(tmp_path: Path) -> None:
     assert [c.key for c in rule.match] == ["Modality", "StudyDescription"]
     assert rule.match[0].patterns == ("CT", "MR")
     assert rule.exclude[0].holds("AP SCOUT 1") and not rule.exclude[0].holds("AXIAL")
-    assert cfg.dicom_keywords == {"Modality", "StudyDescription", "SeriesDescription"}
+    assert set(keywords_for(cfg.rules)) - set(HEADER_KEYWORDS) == {
+        "Modality", "StudyDescription", "SeriesDescription"}
     assert rule.line == HEAD.count("\n") + 1  # the [[rules]] header
 
 

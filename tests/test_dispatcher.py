@@ -30,10 +30,11 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from hermes_py.config import RetryPolicy, Settings
-from hermes_py.destinations.dicom import BUSY_LOOP_DELAY, DicomDestination
+from hermes_py.destinations.dicom_scu import DicomDestination
+from hermes_py.destinations.negotiation import plan
 from hermes_py.dispatcher import SUCCESS_FLUSH_COUNT, Dispatcher, backoff_delay
-from hermes_py.negotiation import plan
-from hermes_py.spool import Spool
+from hermes_py.pynetdicom_compat import BUSY_LOOP_DELAY
+from hermes_py.spool import Flag, Spool
 from tests.dicomgen import compressed_instance, dataset_bytes, make_instance
 from tests.peers import LOOPBACK, Script, ScriptedSCP, Storescp, free_port, wait_for
 from tests.test_dispatcher_helpers import (
@@ -446,9 +447,9 @@ def test_hold_sends_nothing_and_flush_ignores_every_timer(make_settings) -> None
         a = enqueue(cfg, "pacs", make_instance(16, 16))
         d = Dispatcher(cfg, "pacs")
         try:
-            spool.hold_flag("pacs").touch()
+            spool.flag("pacs", Flag.HOLD).touch()
             assert d.run_once() == 0 and scp.count() == 0 and a.exists()
-            spool.hold_flag("pacs").unlink()
+            spool.flag("pacs", Flag.HOLD).unlink()
             assert d.run_once() == 1 and scp.count() == 1
             # not due for an hour, and the destination backed off for an hour
             b = enqueue(cfg, "pacs", make_instance(16, 16))
@@ -456,9 +457,9 @@ def test_hold_sends_nothing_and_flush_ignores_every_timer(make_settings) -> None
             d.state.backoff_until = time.time() + 3600
             d.state.state = "backoff"
             assert d.run_once() == 0 and b.exists()
-            spool.flush_flag("pacs").touch()
+            spool.flag("pacs", Flag.FLUSH).touch()
             assert d.run_once() == 1 and scp.count() == 2
-            assert not spool.flush_flag("pacs").exists()
+            assert not spool.flag("pacs", Flag.FLUSH).exists()
             assert state(cfg, "pacs")["state"] == "ok"
         finally:
             d.close()

@@ -22,7 +22,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from hermes_py.config import IntakeSettings
-from hermes_py.intake import DropIntake, inspect, run_forever
+from hermes_py.dicomfile import inspect
+from hermes_py.intake import DropIntake
 from hermes_py.spool import Spool, is_name
 from tests import dicomgen
 from tests.peers import wait_for
@@ -50,7 +51,7 @@ def running(spool: Spool) -> Iterator[Callable[..., DropIntake]]:
         intake = make_intake(spool, stable_for, rescan)
         intake.start()
         stop = threading.Event()
-        t = threading.Thread(target=run_forever, args=(intake, stop), daemon=True)
+        t = threading.Thread(target=intake.serve, args=(stop,), daemon=True)
         t.start()
         stops.append((intake, stop, t))
         return intake

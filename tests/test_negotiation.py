@@ -20,8 +20,8 @@ from pydicom.uid import (
 )
 from pynetdicom.presentation import PresentationContext, build_context
 
-from hermes_py import negotiation
-from hermes_py.negotiation import MAX_CONTEXTS, Mode, Unsendable, choose, plan, prepare
+from hermes_py.destinations import negotiation
+from hermes_py.destinations.negotiation import MAX_CONTEXTS, Mode, Unsendable, choose, plan, prepare
 from tests.dicomgen import compressed_instance, make_instance, save
 
 

@@ -26,8 +26,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from hermes_py import router
+from hermes_py import fanout, router
 from hermes_py.config import Settings, load
+from hermes_py.intake import DropIntake
 from hermes_py.spool import URGENT, Spool, new_name, now_iso
 from tests.dicomgen import dataset_bytes, make_instance, save
 from tests.peers import wait_for
@@ -330,7 +331,7 @@ def test_outbox_that_cannot_be_linked_into_loses_nothing_and_is_retried(
              what="the instances to reach a")
 
         def releasing() -> list[Path]:
-            return [p for p in sp.pending.iterdir() if router.RELEASING in p.name]
+            return [p for p in sp.pending.iterdir() if fanout.RELEASING in p.name]
         wait(lambda: len(releasing()) == 1, what="the batch to be released (and fail)")
         time.sleep(1.0)  # several retries
         assert env.names(releasing()[0]) == names
@@ -490,7 +491,7 @@ def test_crash_between_links_fault_injection(tmp_path: Path,
     log = tmp_path / "route.log"
     crashes = 0
     for _ in range(60):
-        p = start_route(env, log, {router.CRASH_ENV: "37"})
+        p = start_route(env, log, {fanout.CRASH_ENV: "37"})
         procs.append(p)
         wait(lambda p=p: p.poll() is not None or _settled(env), timeout=120,
                  what="a crash or the end")
@@ -530,19 +531,31 @@ def test_kill_9_while_routing(tmp_path: Path, procs: list[subprocess.Popen[bytes
 # ---------------------------------------------------------------- drop-folder intake
 
 
-def test_intake_runs_inside_the_router(tmp_path: Path) -> None:
-    pytest.importorskip("hermes_py.intake")
+def test_dropped_file_goes_from_intake_through_the_router(tmp_path: Path) -> None:
+    """The intake (its own process under serve; a thread here) publishes into incoming/,
+    and the router routes it like a received instance, by the receive fact Source."""
     head = DESTS.replace("[intake]\nenabled = false",
                          '[intake]\nenabled = true\nstable_for = "200ms"\nrescan_interval = "1s"')
     env = Env(tmp_path, '[[rules]]\nname = "dropped"\nmatch = { Source = "drop" }\nto = ["a"]\n',
               head=head)
     ds = make_instance(16, 16)
+    intake = DropIntake(env.spool, env.cfg.intake)
+    stop = threading.Event()
     with running(env.cfg):
-        staged = save(ds, tmp_path / "staged.dcm")
-        (env.spool.drop / "study1").mkdir(parents=True, exist_ok=True)
-        os.replace(staged, env.spool.drop / "study1" / "IM0001")
-        wait(lambda: env.names(env.spool.outbox("a")), timeout=60,
+        intake.start()
+        th = threading.Thread(target=intake.serve, args=(stop,), daemon=True)
+        th.start()
+        try:
+            staged = save(ds, tmp_path / "staged.dcm")
+            (env.spool.drop / "study1").mkdir(parents=True, exist_ok=True)
+            os.replace(staged, env.spool.drop / "study1" / "IM0001")
+            wait(lambda: env.names(env.spool.outbox("a")), timeout=60,
                  what="the dropped file to be routed")
+        finally:
+            stop.set()
+            intake.wakeup.set()
+            th.join(10)
+            intake.stop()
     (name,) = env.names(env.spool.outbox("a"))
     sc = env.sidecar(env.spool.outbox("a"), name)
     assert sc["source"] == "drop" and sc["sop_instance_uid"] == ds.SOPInstanceUID

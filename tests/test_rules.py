@@ -19,8 +19,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
-from hermes_py import rules
-from hermes_py.config import Condition, Rule, Settings, load, parse
+from hermes_py import dicomfile, rules
+from hermes_py.admin import rules_verbs
+from hermes_py.config import Settings, load, parse
+from hermes_py.rules import Condition, Rule
 from hermes_py.spool import Spool, new_name
 from tests.dicomgen import make_instance, save
 
@@ -348,7 +350,7 @@ def test_read_header_values(tmp_path: Path) -> None:
         '[[rules]]\nname = "x"\nto = ["a"]\nmatch = { ImageType = "AXIAL", PatientName = "*", '
         'AccessionNumber = "*", Modality = "MR" }\n').rules)
     assert kws[:4] == rules.HEADER_KEYWORDS
-    v = rules.read_header(path, kws)
+    v = dicomfile.read_header(path, kws)
     assert v["ImageType"] == "ORIGINAL\\PRIMARY\\AXIAL"
     assert v["PatientName"] == "TEST^HERMES"
     assert v["AccessionNumber"] is None  # absent
@@ -361,18 +363,18 @@ def test_read_header_values(tmp_path: Path) -> None:
 def test_read_header_rejects_what_cannot_be_routed(tmp_path: Path) -> None:
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom at all" * 40)
-    with pytest.raises(rules.UnreadableError, match="not a DICOM Part-10 file"):
-        rules.read_header(junk, rules.HEADER_KEYWORDS)
+    with pytest.raises(dicomfile.UnreadableError, match="not a DICOM Part-10 file"):
+        dicomfile.read_header(junk, rules.HEADER_KEYWORDS)
     whole = save(make_instance(64, 64), tmp_path / "whole.dcm").read_bytes()
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(whole[: len(whole) - 100])  # cut inside the pixel data
-    with pytest.raises(rules.UnreadableError, match="truncated: Pixel Data needs 8192 bytes"):
-        rules.read_header(cut, rules.HEADER_KEYWORDS)
+    with pytest.raises(dicomfile.UnreadableError, match="truncated: Pixel Data needs 8192 bytes"):
+        dicomfile.read_header(cut, rules.HEADER_KEYWORDS)
     with pytest.raises(FileNotFoundError):
-        rules.read_header(tmp_path / "gone.dcm", rules.HEADER_KEYWORDS)
+        dicomfile.read_header(tmp_path / "gone.dcm", rules.HEADER_KEYWORDS)
 
 
-def test_check_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_summary(tmp_path: Path) -> None:
     path = tmp_path / "rules.toml"
     path.write_text(DESTS + """
 [[rules]]
@@ -388,8 +390,9 @@ name = "junk"
 match = { PatientID = "TEST*" }
 action = "discard"
 """)
-    assert rules.check(load(path)) == 0
-    out = capsys.readouterr().out
+    checked = rules_verbs.check(load(path))
+    assert checked.exit_code == 0
+    out = checked.text()
     assert "destinations (4):" in out and "rules (2):" in out
     assert ('1. series to b: match Modality = { regex = "^C", ignore_case = true } -> b '
             "(whole series, after 90s quiet) [urgent]") in out

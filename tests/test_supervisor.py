@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from hermes_py.spool import Spool
+from hermes_py.spool import Flag, Spool
 from tests.dicomgen import iter_uids, make_instance, save, write_series
 from tests.peers import Storescp, echoscu, free_port, storescu, wait_for, wait_port
 from tests.test_cli import hermes_exe, one_error_line, put, run, write_rules
 
-CHILDREN = {"receive", "route", "dispatch:pacs", "dispatch:ris", "clean"}
+CHILDREN = {"receive", "intake", "route", "dispatch:pacs", "dispatch:ris", "clean"}
 START = 90.0   # generous: five Python processes importing pydicom on a shared 2-core box
 
 
@@ -294,7 +294,7 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
     rules = write_rules(tmp_path, METRICS_CONFIG, metrics_port=mport)
     spool = Spool(tmp_path / "spool")
     spool.ensure(["pacs", "ris"])
-    spool.hold_flag("pacs").write_text("{}")   # held: these stay queued whatever happens
+    spool.flag("pacs", Flag.HOLD).write_text("{}")   # held: these stay queued whatever happens
     for i in range(3):
         put(spool, spool.outbox("pacs"), f"1.2.3.{i}", next_attempt=time.time() - 1)
     with serving(tmp_path, rules) as s:

@@ -2,18 +2,27 @@
 
 The dispatcher owns the queue (claims, sidecars, backoff, moves between
 folders); a destination owns only the wire. That split is what lets DICOMweb
-STOW-RS, a folder, or TLS DICOM slot in later without touching retry logic:
-they answer the same two questions, "what happened to each instance" and "could
-the destination be reached at all".
+STOW-RS, a folder, or TLS DICOM slot in without touching retry logic: they
+answer the same questions, "what happened to each instance", "could the
+destination be reached at all" and, for ``hermes-py echo`` (and a failed-over
+destination's recovery), "does it answer right now".
+
+A type is one module in this package with a :class:`DestinationType` named
+``TYPE``, registered by name in ``hermes_py.destinations``: its settings (a
+subclass of ``config.DestinationSettings`` whose fields are its TOML keys), how
+they are validated, the one line that describes a destination of that type, and
+the :class:`Destination` that sends.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
+from hermes_py.config import DestinationSettings, Reader, ReceiverSettings, keys_of
 from hermes_py.outcomes import LinkFailure, Result
 
 
@@ -35,11 +44,20 @@ class Item:
 Report = Callable[[Item, Result], None]
 
 
+@dataclass(frozen=True)
+class Probe:
+    """Whether a destination answers right now, and exactly what failed when it does not."""
+
+    ok: bool
+    text: str
+    latency_ms: float | None = None
+
+
 class Destination(ABC):
     """A place instances are delivered to. One object per worker thread.
 
     Objects are not shared between threads: pynetdicom in particular stalls when
-    an AE or association is used from two threads (see ``dicom.py``).
+    an AE or association is used from two threads (see ``dicom_scu.py``).
     """
 
     name: str
@@ -57,5 +75,35 @@ class Destination(ABC):
         ``should_stop()`` became true, which is checked between instances.
         """
 
+    @abstractmethod
+    def probe(self) -> Probe:
+        """Talk to the destination without sending an instance (DICOM: a C-ECHO)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, most types hold nothing
         """Release what the destination holds (connections, sessions)."""
+
+
+class DestinationType(ABC):
+    """One ``type = "..."`` of ``[destinations.NAME]``."""
+
+    name: ClassVar[str]
+    settings: ClassVar[type[DestinationSettings]]
+
+    def keys(self) -> set[str]:
+        """The TOML keys of this type beyond the common ones (its settings' own fields)."""
+        return keys_of(self.settings) - keys_of(DestinationSettings)
+
+    def parse(self, reader: Reader, table: tuple[str | int, ...], data: Mapping[str, Any],
+              common: dict[str, Any], receiver: ReceiverSettings) -> DestinationSettings:
+        """The settings of one destination table (``common`` already read and checked)."""
+        own = reader.fields(table, data, self.settings, skip=tuple(keys_of(DestinationSettings)))
+        return self.settings(**common, **own)
+
+    @abstractmethod
+    def describe(self, settings: DestinationSettings) -> str:
+        """One line that says where it sends (DICOM: ``PACS@10.0.0.9:104 as HERMES``)."""
+
+    @abstractmethod
+    def create(self, settings: DestinationSettings, label: str = "") -> Destination:
+        """A new sender (one per worker thread; never share them)."""
+

@@ -5,7 +5,7 @@ sanitised result is exactly one path component inside the spool folder, never em
 never '.' or '..', deterministic, and ``new_name`` stays a well-formed spool name that
 sorts by receive time. Checked against a real directory, not just by string inspection.
 
-Conditions (``hermes_py.config.Condition``): the semantics a rules.toml author relies on -
+Conditions (``hermes_py.rules.Condition``): the semantics a rules.toml author relies on -
 an exact pattern is equality, '*' holds for any value, a list is "any of", ignore_case is
 case-insensitivity, a multi-valued element holds when one of its values does, and a
 missing element never holds.
@@ -30,8 +30,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from hermes_py.config import Condition, Rule
-from hermes_py.rules import Decision, evaluate, pending_key
+from hermes_py.rules import Condition, Decision, Rule, evaluate, pending_key
 from hermes_py.spool import is_name, new_name, received_at, sanitize
 
 pytestmark = pytest.mark.e2e

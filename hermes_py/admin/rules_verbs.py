@@ -1,0 +1,102 @@
+"""``hermes-py rules check`` and ``rules test FILE...``: what rules.toml says, and does to files.
+
+``rules test`` evaluates the files exactly as the router would (the same header
+read, the same receive facts from a spool sidecar beside the file, the same
+``rules.evaluate``), so its answer is the router's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import config as pydicom_config
+
+from hermes_py import destinations, dicomfile, rules
+from hermes_py.admin import Result
+from hermes_py.config import Settings
+from hermes_py.spool import JSON, Spool
+
+
+@dataclass
+class Checked(Result):
+    config: str
+    lines: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def check(cfg: Settings) -> Checked:
+    """The file validated (cli.main loaded it); say what it does."""
+    r = cfg.receiver
+    out = [f"{cfg.path}: OK", f"receiver: {r.ae_title} on {r.bind}:{r.port}",
+           f"spool: {cfg.spool.path}", f"destinations ({len(cfg.destinations)}):"]
+    width = max((len(n) for n in cfg.destinations), default=0)
+    out += [f"  {name:<{width}}  {destinations.describe(d)}"
+            for name, d in cfg.destinations.items()]
+    out.append(f"rules ({len(cfg.rules)}):")
+    out += [f"  {i}. {rule.name}: {rules.describe_rule(rule)}"
+            for i, rule in enumerate(cfg.rules, 1)]
+    used = {d for rule in cfg.rules for d in rule.to}
+    out += [f"note: no rule sends to destination {name!r}"
+            for name in cfg.destinations if name not in used]
+    if not any(rule.action == "route" for rule in cfg.rules):
+        out.append("note: no routing rule: every instance will go to discard/")
+    return Checked(str(cfg.path), out)
+
+
+def _facts_for_file(path: Path) -> tuple[dict[str, str | None], str]:
+    """Receive facts from a spool sidecar beside the file, else those of a dropped file."""
+    sidecar = path.with_suffix(JSON)
+    if path.suffix.lower() == ".dcm" and sidecar.is_file():
+        data = Spool.read_json(sidecar)
+        if data.get("source") or data.get("sop_instance_uid"):
+            facts = rules.receive_facts(data)
+            shown = ", ".join(f"{k}={v}" for k, v in facts.items() if v is not None)
+            return facts, f"receive facts from {sidecar.name}: {shown or 'none'}"
+    return ({"CallingAE": None, "CalledAE": None, "PeerAddress": None, "Source": "drop"},
+            "no sidecar: tested as a dropped file: Source=drop, no AE titles or address")
+
+
+@dataclass
+class Tested(Result):
+    """The dry-run report: per file, which rules matched and what the router would do."""
+
+    lines: list[str] = field(default_factory=list)
+    failures: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def dry_run(cfg: Settings, paths: Sequence[Path]) -> Tested:
+    """What the router would do with each file, and why; exit 1 when some were unreadable."""
+    keywords = rules.keywords_for(cfg.rules)
+    out = Tested()
+    previous = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    try:
+        for path in paths:
+            try:
+                values = dicomfile.read_header(path, keywords)
+            except dicomfile.UnreadableError as e:
+                out.lines.append(f"{path}:\n  => error: {e} (the router would move it to error/)")
+                out.failures += 1
+                continue
+            except OSError as e:
+                out.lines.append(f"{path}:\n  => cannot read: {e.strerror or e}")
+                out.failures += 1
+                continue
+            facts, note = _facts_for_file(Path(path))
+            decision = rules.evaluate(cfg.rules, {**values, **facts})
+            out.lines.append(f"{path}: sop={values.get('SOPInstanceUID')}  ({note})")
+            out.lines += rules.explain(decision)
+    finally:
+        pydicom_config.settings.reading_validation_mode = previous
+    return out

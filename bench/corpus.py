@@ -24,7 +24,7 @@ from typing import Any
 from pydicom.uid import generate_uid
 
 from hermes_py import spool as spool_mod
-from tests import dicomgen
+from tests.support import dicomgen
 
 ROOT = Path(__file__).resolve().parent / "corpus"
 MANIFEST = "manifest.json"

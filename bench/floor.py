@@ -1,6 +1,6 @@
 """``python -m bench.floor PORT``: a bare pynetdicom SCP, the library's own receive floor.
 
-tests.peers.ScriptedSCP (answers Success, keeps nothing on disk) in a process of
+tests.support.peers.ScriptedSCP (answers Success, keeps nothing on disk) in a process of
 its own, pynetdicom's per-message log handlers off. The ``pynetdicom-receive`` row
 tells how much of the receive time is pynetdicom itself and how much is what
 hermes_py adds (durable writes, sidecars, logging).
@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
 def main(argv: list[str]) -> int:
     from pynetdicom import _config
 
-    from tests import peers
+    from tests.support import peers
 
     _config.LOG_HANDLER_LEVEL = "none"
     stop = threading.Event()

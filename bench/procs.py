@@ -11,34 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from types import TracebackType
 
-import pytest
-
-from tests import peers
+from tests.support import peers
+from tests.support.cli import hermes_cmd
+from tests.support.config import Config, Dest, rule
 
 
 class BenchError(Exception):
     """A scenario could not run or did not complete; the message says why."""
 
 
-# tests.peers reports a peer that never came up with pytest.fail / pytest.skip, which
-# are BaseExceptions: a scenario catches them as failures, never KeyboardInterrupt.
-FAILURES: tuple[type[BaseException], ...] = (Exception, pytest.fail.Exception,
-                                             pytest.skip.Exception)
-
-
-def hermes_cmd() -> list[str]:
-    """The installed console script next to this interpreter, else ``-m hermes_py``."""
-    exe = Path(sys.executable).with_name("hermes-py")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "hermes_py"]
+# What a scenario counts as its own failure (the others go on): its errors, and those
+# of tests.support.peers (WaitTimeout, ToolMissing, PeerError are Exceptions too).
+# Never KeyboardInterrupt.
+FAILURES: tuple[type[BaseException], ...] = (Exception,)
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -56,35 +48,16 @@ def write_config(folder: Path, recv_port: int, dest_port: int, *, dest_ae: str =
     Everything else is the default a user gets. The retry delays are short so the
     backlog scenario does not measure backoff policy.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    procs = f"processes = {receiver_processes}\n" if receiver_processes else ""
-    retry = ('[retry]\ninitial_delay = "1s"\nmax_delay = "2s"\ngive_up_after = "1d"\n'
-             if retry_fast else "")
-    text = f"""# written by bench/ for one benchmark run
-[receiver]
-ae_title = "HERMES"
-bind = "127.0.0.1"
-port = {recv_port}
-max_associations = 10
-{procs}
-[spool]
-path = "spool"
-min_free_mb = 0
-
-{retry}
-[destinations.dest]
-ae_title = "{dest_ae}"
-host = "127.0.0.1"
-port = {dest_port}
-calling_ae_title = "HERMES"
-
-[[rules]]
-name = "everything to dest"
-to = ["dest"]
-"""
-    path = folder / "rules.toml"
-    path.write_text(text)
-    return path
+    recv: dict[str, object] = {"ae_title": "HERMES", "bind": peers.LOOPBACK, "port": recv_port,
+                               "max_associations": 10}
+    if receiver_processes:
+        recv["processes"] = receiver_processes
+    dest = Dest("dest", dest_port, dest_ae, {"calling_ae_title": "HERMES"},
+                short_timeouts=False)
+    return Config(destinations=[dest], rules=rule("everything to dest", ["dest"]),
+                  receiver=recv, spool={"path": "spool", "min_free_mb": 0},
+                  retry={"initial_delay": "1s", "max_delay": "2s", "give_up_after": "1d"}
+                  if retry_fast else None).write(folder)
 
 
 class HermesProc:
@@ -171,10 +144,6 @@ def label(cmdline: list[str]) -> str:
             return " ".join(words) or base
         if base == "hermes_py.__main__" or tok.endswith("hermes_py/__main__.py"):
             return " ".join(w for w in cmdline[i + 1:i + 3] if not w.startswith("-")) or base
-    for tok in cmdline:  # ``python -c "from hermes_py import receiver; ..."`` (siblings)
-        m = re.search(r"from hermes_py import (\w+)", tok)
-        if m:
-            return {"receiver": "receive"}.get(m.group(1), m.group(1)) + " sibling"
     if any("multiprocessing" in t for t in cmdline):
         return "multiprocessing child"
     return os.path.basename(cmdline[0]) if cmdline else "?"

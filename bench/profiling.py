@@ -218,7 +218,7 @@ def format_summary(s: dict[str, Any], top: int = 8) -> str:
 def profile_relay(ctx: Any, name: str, out_dir: Path, gil: bool = False) -> dict[str, Any]:
     """One relay run of corpus ``name`` with py-spy on serve and all its children."""
     from bench import scenarios
-    from tests import peers
+    from tests.support import peers
 
     c = ctx.corpora[name]
     mode = "gil" if gil else "wall"

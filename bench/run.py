@@ -32,7 +32,7 @@ from types import FrameType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # tests.peers and tests.dicomgen are imported from the repo
+if str(REPO) not in sys.path:  # tests.support (peers, dicomgen) is imported from the repo
     sys.path.insert(0, str(REPO))
 
 KINDS = ("direct", "receive", "relay", "pynetdicom-receive", "orthanc-receive", "orthanc-relay")
@@ -145,7 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         import psutil  # noqa: F401
-        import pytest  # noqa: F401  (tests.peers needs it)
     except ImportError as e:
         log(f"bench: {e.name} missing; run `make bench` (installs the bench extra)")
         return 2

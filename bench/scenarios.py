@@ -13,6 +13,7 @@ durable; the run then checks that incoming/ holds exactly the corpus.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ from bench.procs import (
     write_config,
 )
 from bench.report import Result
-from tests import peers
+from tests.support import peers
 
 ORTHANC_LUA = ("function OnStoredInstance(instanceId, tags, metadata, origin)\n"
                "  Delete(SendToModality(instanceId, 'dest'))\n"
@@ -203,14 +204,20 @@ def direct(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
 
 
 def receive(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
+    """``hermes-py receive`` alone; with ``--receiver-processes N``, N of them on the port
+    (what serve starts), each binding it with SO_REUSEPORT."""
     port = peers.free_port()
     cfg = write_config(d, port, peers.free_port(), receiver_processes=ctx.receiver_processes)
-    with HermesProc(["receive"], cfg, d / "hermes.log") as h:
-        h.wait_ready(port)
-        with RssSampler(h.pid) as rss:
-            t0 = time.time()
-            r = _dcmsend(port, c, "HERMES", ctx)
-            dt = time.time() - t0
+    with contextlib.ExitStack() as stack:
+        hs = [stack.enter_context(HermesProc(["receive"], cfg, d / f"hermes-{i}.log"))
+              for i in range(max(1, ctx.receiver_processes or 1))]
+        for h in hs:
+            h.wait_ready(port)
+        samplers = [stack.enter_context(RssSampler(h.pid)) for h in hs]
+        t0 = time.time()
+        r = _dcmsend(port, c, "HERMES", ctx)
+        dt = time.time() - t0
+    for rss in samplers:
         merge_peaks(ctx.rss_peak_mb, rss.peak_mb)
     _check_dcmsend(r, c.count)
     got = _count_dcm(d / "spool" / "incoming")

@@ -62,13 +62,13 @@ class Batches:
         self._unfinished: set[Path] = set()  # releasing folders still to drain
         self._drain_retry_at = 0.0
 
-    def join(self, hold: rules.Hold) -> None:
-        q = self._held.get(hold.key)
+    def join(self, batch: rules.Batch) -> None:
+        q = self._held.get(batch.key)
         if q is None:
-            self._held[hold.key] = _Quiet(time.time(), hold.quiet_for)
+            self._held[batch.key] = _Quiet(time.time(), batch.quiet_for)
         else:
             q.last = time.time()
-            q.quiet_for = hold.quiet_for
+            q.quiet_for = batch.quiet_for
 
     def next_due(self) -> float | None:
         """Wall-clock time the next batch is due, None when nothing is held."""
@@ -104,7 +104,7 @@ class Batches:
             return None
         hold = self.spool.read_sidecar(Path(first.path)).get("hold")
         try:
-            return rules.Hold.from_json(hold).quiet_for
+            return rules.Batch.from_json(hold).quiet_for
         except (ValueError, KeyError, TypeError):
             return DEFAULT_QUIET_FOR
 
@@ -192,7 +192,7 @@ class Batches:
                      recovering: bool) -> Job | None:
         sop = str(sidecar.get("sop_instance_uid") or dcm.stem)
         try:
-            hold = rules.Hold.from_json(sidecar.get("hold"))
+            hold = rules.Batch.from_json(sidecar.get("hold"))
         except (ValueError, KeyError, TypeError) as e:
             self.fanout.quarantine(dcm, f"held instance without a readable hold record: {e}",
                                    sidecar, commit, sop)

@@ -31,6 +31,7 @@ from hermes_py.config_lines import Locator
 from hermes_py.durations import parse_duration
 from hermes_py.errors import HermesError
 from hermes_py.rules import RECEIVE_KEYS, Condition, Rule, is_glob
+from hermes_py.spool import Spool
 
 __all__ = ["AETitle", "ConfigError", "DestinationSettings", "Duration", "IntakeSettings",
            "Port", "Reader", "ReceiverSettings", "RetryPolicy", "Settings", "SpoolSettings",
@@ -326,6 +327,22 @@ def _parse_intake(p: Reader, idata: Mapping[str, Any]) -> IntakeSettings:
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def _check_folders(p: Reader, dests: Mapping[str, DestinationSettings]) -> None:
+    """Each destination gets folders of its own: names that become the same folder name
+    (``pacs-web`` and ``pacs_web``; ``PACS`` and ``pacs`` on a case-blind filesystem)
+    would share a queue, a state file and flags."""
+    seen: dict[str, str] = {}
+    for name in dests:
+        folder = Spool.dest_folder(name).casefold()
+        if folder in seen:
+            raise ConfigError(p.path, f"destinations.{name}",
+                              f"would share its folders with destination {seen[folder]!r} "
+                              "(names become folder names: '-' and '_' are the same there, "
+                              "and so are upper and lower case): rename one",
+                              p.loc.line(("destinations", name)))
+        seen[folder] = name
+
+
 def _parse_destination(p: Reader, name: str, data: Any, retry: RetryPolicy,
                        receiver: ReceiverSettings) -> DestinationSettings:
     table: tuple[str | int, ...] = ("destinations", name)
@@ -550,6 +567,7 @@ def parse(text: str, path: Path) -> Settings:
     intake = _parse_intake(p, data.get("intake", {}))
     dests = {name: _parse_destination(p, name, dd, retry, receiver)
              for name, dd in data.get("destinations", {}).items()}
+    _check_folders(p, dests)
     rules_raw = data.get("rules", [])
     if not isinstance(rules_raw, list):
         raise p.err((), "rules", "write rules as [[rules]] tables")

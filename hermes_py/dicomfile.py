@@ -19,16 +19,18 @@ whole" and "which UIDs does it carry" have one answer:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 import pydicom
+from pydicom import config as pydicom_config
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -451,6 +453,18 @@ def write_part10(src: Path | str, info: Inspection, out: IO[bytes]) -> int:
 
 
 # ---------------------------------------------------------------- header values
+
+
+@contextlib.contextmanager
+def lenient() -> Iterator[None]:
+    """Read headers without pydicom's validation: vendor headers are often slightly off,
+    and a warning per instance is noise and cost (pydicom's setting is process-wide)."""
+    previous = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    try:
+        yield
+    finally:
+        pydicom_config.settings.reading_validation_mode = previous
 
 
 class UnreadableError(Exception):

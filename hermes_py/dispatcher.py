@@ -87,7 +87,7 @@ class Picker:
 
     One scan of an outbox feeds many batches (a candidate list refreshed when
     used up or older than RESCAN_EVERY), so a large backlog costs one scandir
-    per thousand instances, not one per batch (DESIGN.md invariant 6). Every
+    per thousand instances, not one per batch (docs/internals.md, invariant 6). Every
     candidate is re-checked (one stat) and claimed by rename, so a stale list
     is harmless: another process may have taken or rescheduled an entry.
     """
@@ -449,7 +449,7 @@ class Dispatcher:
             reason = f"{reason} (still failing after {same + 1} attempts)"
         d = self._attempt(data, now, outcome, result, reason, result.detail)
         try:
-            if outcome is Outcome.DELIVERED:
+            if outcome is Outcome.SUCCESS:
                 self._delivered(slot, item, sc.delivered(d, now, result.delivered_as,
                                                          result.warnings), result, now)
             elif outcome is Outcome.TRANSIENT:

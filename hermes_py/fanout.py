@@ -76,7 +76,7 @@ class Link:
     folder: Path
     sidecar: sc.Sidecar
     events: list[EventArgs]
-    batch: rules.Hold | None = None  # a pending/ batch the instance joins
+    batch: rules.Batch | None = None  # a pending/ batch the instance joins
 
 
 @dataclass
@@ -137,12 +137,12 @@ class Fanout:
     """Decides, records, links and commits chunks for one router.
 
     ``pause(err)`` is called when the spool is full: the caller stops the chunk
-    there and tries again later. ``joined(hold)`` is told of every instance that
+    there and tries again later. ``joined(batch)`` is told of every instance that
     joins a pending/ batch.
     """
 
     def __init__(self, spool: Spool, pause: Callable[[OSError], None],
-                 joined: Callable[[rules.Hold], None]) -> None:
+                 joined: Callable[[rules.Batch], None]) -> None:
         self.spool = spool
         self.pause = pause
         self.joined = joined
@@ -279,23 +279,23 @@ class Fanout:
                                   [(Event.ROUTED, plan.sop, dest,
                                     {"priority": prio, "rules": ",".join(d.rules),
                                      "name": name})]))
-        for hold in d.holds:
-            if plan.recovering and self.is_held(hold, plan.dcm.name):
+        for batch in d.batches:
+            if plan.recovering and self.is_held(batch, plan.dcm.name):
                 continue  # its batch was learnt from pending/ at start, or already released
-            folder = self.folder(self.spool.folder(Stage.PENDING, part=hold.key),
+            folder = self.folder(self.spool.folder(Stage.PENDING, part=batch.key),
                                  commit)
-            job.links.append(Link(folder, sc.batched(plan.sidecar, hold.to_json(), at),
+            job.links.append(Link(folder, sc.batched(plan.sidecar, batch.to_json(), at),
                                   [(Event.HELD, plan.sop, dest,
-                                    {"batch": hold.key, "quiet_for": f"{hold.quiet_for:g}s",
-                                     "name": name}) for dest in hold.destinations], hold))
+                                    {"batch": batch.key, "quiet_for": f"{batch.quiet_for:g}s",
+                                     "name": name}) for dest in batch.destinations], batch))
         return job
 
-    def is_held(self, hold: rules.Hold, fname: str) -> bool:
+    def is_held(self, batch: rules.Batch, fname: str) -> bool:
         """Whether the instance is in this batch already, released or not, or delivered on."""
         if any((p.path / fname).exists() for p in self.spool.places(Stage.PENDING)
-               if p.part == hold.key or (p.part or "").startswith(hold.key + RELEASING)):
+               if p.part == batch.key or (p.part or "").startswith(batch.key + RELEASING)):
             return True
-        return any(self.spool.has_copy(dest, fname) for dest in hold.destinations)
+        return any(self.spool.has_copy(dest, fname) for dest in batch.destinations)
 
     # ------------------------------------------------------------ links and commits
 

@@ -45,6 +45,7 @@ from typing import Any
 from hermes_py import dicomfile
 from hermes_py.config import IntakeSettings, Settings
 from hermes_py.dicomfile import Unacceptable
+from hermes_py.errors import HermesError
 from hermes_py.events import emit
 from hermes_py.lifecycle import Event
 from hermes_py.process import stop_on_signals
@@ -365,6 +366,9 @@ class DropIntake:
 
 def run(cfg: Settings) -> int:
     """``hermes-py intake``: take complete files from drop/ until SIGTERM/SIGINT."""
+    if not cfg.intake.enabled:
+        raise HermesError(f"the drop folder intake is disabled ([intake] enabled = false in "
+                          f"{cfg.path})")
     stop = threading.Event()
     spool = Spool(cfg.spool.path)
     intake = DropIntake(spool, cfg.intake)

@@ -61,7 +61,6 @@ class Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        self._events = 0
 
     def inc(self, metric: str, labels: Mapping[str, str] | None = None, n: float = 1) -> None:
         key = (metric, tuple(sorted((labels or {}).items())))
@@ -100,8 +99,6 @@ class Counters:
         size = record.get("size", record.get("bytes"))
         if isinstance(size, int | float) and not isinstance(size, bool) and size >= 0:
             self.inc(f"hermes_{event}_bytes_total", labels, size)
-        with self._lock:
-            self._events += 1
 
     def render(self) -> list[str]:
         with self._lock:

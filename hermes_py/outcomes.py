@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 class Outcome(enum.StrEnum):
     """Per-instance class; the strings are what sidecars and ``status_classes`` use."""
 
-    DELIVERED = "success"
+    SUCCESS = "success"
     TRANSIENT = "transient"
     PERMANENT = "permanent"
 
@@ -100,7 +100,7 @@ def default_class(code: int) -> Outcome:
     0x0111 (duplicate SOP instance) means the destination already has it.
     """
     if code == 0x0000 or is_warning(code) or code == 0x0111:
-        return Outcome.DELIVERED
+        return Outcome.SUCCESS
     if 0xA700 <= code <= 0xA7FF or code in _TRANSIENT_CODES:
         return Outcome.TRANSIENT
     return Outcome.PERMANENT  # 0xA9xx, 0xCxxx, the refusals above, and every unknown code
@@ -148,10 +148,10 @@ def from_status(code: int, overrides: Mapping[int, str] | None = None, *,
     outcome = classify_status(code, overrides)
     text = status_text(code)
     warnings: list[str] = []
-    if outcome is Outcome.DELIVERED and code != 0x0000:
+    if outcome is Outcome.SUCCESS and code != 0x0000:
         warnings.append(text + (f": {error_comment}" if error_comment else ""))
     return Result(outcome=outcome, reason=text, status=code, detail=error_comment,
-                  delivered_as=delivered_as if outcome is Outcome.DELIVERED else None,
+                  delivered_as=delivered_as if outcome is Outcome.SUCCESS else None,
                   warnings=warnings)
 
 
@@ -159,7 +159,11 @@ def from_status(code: int, overrides: Mapping[int, str] | None = None, *,
 
 
 class LinkKind(enum.StrEnum):
-    """Why a destination could not be talked to; the ``kind`` in its state file."""
+    """Why a DICOM destination could not be talked to; the ``kind`` in its state file.
+
+    Another destination type names its own kinds (any StrEnum) and says which of
+    them are a misconfiguration (``LinkFailure.misconfigured``).
+    """
 
     REFUSED = "connection refused"
     CONNECT_TIMEOUT = "connection timed out"
@@ -176,14 +180,12 @@ class LinkKind(enum.StrEnum):
 class LinkFailure:
     """The destination as a whole failed; instances not yet answered stay queued."""
 
-    kind: LinkKind
+    kind: enum.StrEnum
     detail: str = ""
     reject: tuple[int, int, int] | None = None   # A-ASSOCIATE-RJ (result, source, reason)
-
-    @property
-    def misconfigured(self) -> bool:
-        """A permanent rejection means our config or theirs is wrong, not the network."""
-        return self.kind is LinkKind.REJECTED_PERMANENT
+    # Our config or theirs is wrong, not the network (a permanent association rejection,
+    # an AE-title typo): the queue is kept, nothing expires, an admin must act.
+    misconfigured: bool = False
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.detail}" if self.detail else str(self.kind)
@@ -210,7 +212,7 @@ def classify_reject(result: int, source: int, reason: int) -> LinkFailure:
     detail = (f"result {result} ({'permanent' if result == 1 else 'transient'}), "
               f"source {source} ({_RJ_SOURCE.get(source, '?')}), {why}")
     kind = LinkKind.REJECTED_PERMANENT if result == 1 else LinkKind.REJECTED_TRANSIENT
-    return LinkFailure(kind, detail, (result, source, reason))
+    return LinkFailure(kind, detail, (result, source, reason), misconfigured=result == 1)
 
 
 def reject_text(result: int, source: int, reason: int) -> str:

@@ -16,14 +16,16 @@ so an upgrade of the pin is checked against one file:
 - ``dul._run_loop_delay``: pynetdicom's DUL thread sleeps this long (1 ms) after
   every loop that found nothing to do, so each C-STORE waits up to 1 ms for its
   data to be noticed and again for its response to be sent. We set 0.1 ms on our
-  own busy associations (each its own DUL object, never the class): measured
-  with dcmsend into a bare pynetdicom SCP, 300 -> 500 small instances/s, for
-  ~8 % of a core per open association.
+  own busy associations (each its own DUL object, never the class), and give an
+  idle one the 1 ms back: the poll costs a little CPU per open association.
 - ``dul.socket.socket``: TCP_NODELAY on our SCU sockets (pynetdicom never sets
-  it; with Nagle and the peer's delayed ACK every small C-STORE stalls ~40 ms).
+  it; with Nagle and the peer's delayed ACK every small C-STORE stalls).
 - ``Association._serve_request``: see :func:`return_stolen_responses`.
 - ``AE._servers``: a server we build ourselves (``make_server``) is registered
   there, so ``AssociationServer.shutdown()`` can remove itself.
+- ``C_STORE._dataset_file`` / ``_dataset_path``: the file chunked receive wrote
+  (``received_file``); ``dul.is_alive()``: whether a peer's connection still
+  runs (``connection_alive``), which pynetdicom's own association count ignores.
 """
 
 from __future__ import annotations
@@ -73,10 +75,10 @@ def return_stolen_responses(assoc: Association) -> None:
     so right after one C-STORE un-pauses it the next one can see the stale flag,
     send, and the waking reactor grabs the fast reply, logs "Received unexpected
     C-STORE service message", drops it, and the sender waits out its whole DIMSE
-    timeout (pynetdicom #137, #842). Measured: one stall per ~800 C-STOREs to an
-    in-process SCP with two busy threads, none in 3,000 with this guard. Requests
-    are served as before; nothing else on a C-STORE SCU association expects
-    responses. Only our own association objects are patched, never the class.
+    timeout (pynetdicom #137, #842; it happens under GIL contention, and not with
+    this guard). Requests are served as before; nothing else on a C-STORE SCU
+    association expects responses. Only our own association objects are patched,
+    never the class.
     """
     original = assoc._serve_request
     queue = assoc.dimse.msg_queue
@@ -106,6 +108,15 @@ class ReusePortServer(ThreadedAssociationServer):
 
 def register_server(ae: AE, server: ThreadedAssociationServer) -> None:
     ae._servers.append(server)
+
+
+def connection_alive(assoc: Association) -> bool:
+    return bool(assoc.dul.is_alive())
+
+
+def received_file(request: Any) -> tuple[Any, str | None]:
+    """The temp file object a chunked C-STORE was written into, and its path."""
+    return getattr(request, "_dataset_file", None), getattr(request, "_dataset_path", None)
 
 
 # ---------------------------------------------------------------- chunked receive

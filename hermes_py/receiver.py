@@ -29,7 +29,7 @@ Decisions worth knowing:
   flock is gone).
 - ``[receiver] processes > 1``: serve starts that many ``hermes-py receive``
   children, each binding the port with SO_REUSEPORT (the kernel spreads
-  connections); one Python process is GIL-bound near ~100 small instances/s.
+  connections); one Python process is bound by the GIL.
   ``max_associations`` is per process, and counts live peers only: pynetdicom keeps
   a thread for acse_timeout after a bare TCP connect (a health check) and would
   count it. The sidecar's ``received_by`` (host:pid) says which process took it.
@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
 from hermes_py import pynetdicom_compat
@@ -105,8 +106,8 @@ class Receiver:
         self.spool = Spool(cfg.spool.path)
         self.reuse_port = reuse_port
         self._port = self.settings.port if port is None else port
-        self._server: Any = None
-        self._ae: Any = None
+        self._server: ThreadedAssociationServer | None = None
+        self._ae: AE | None = None
         self._serve_thread: threading.Thread | None = None
         self._sweeper: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -157,11 +158,10 @@ class Receiver:
         pynetdicom_compat.start_receiving(ae, self._new_temp_file)
         self._receiving = True
         # No TCP_NODELAY on accepted sockets: our side only sends one small response
-        # PDU per C-STORE, and measured with dcmsend (300 x 8 KB instances, one
-        # association, alternating runs) it was never faster and often slower.
+        # PDU per C-STORE, and it made receiving no faster (see the commit that chose this).
         server_class: type[ThreadedAssociationServer] = (
             pynetdicom_compat.ReusePortServer if self.reuse_port else ThreadedAssociationServer)
-        handlers: list[Any] = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -199,7 +199,7 @@ class Receiver:
         port = int(server.server_address[1]) if server.server_address else self._port
         deadline = time.monotonic() + grace
 
-        def busy() -> list[Any]:
+        def busy() -> list[Association]:
             # Only established associations can have a C-STORE in flight; a bare TCP
             # connect (a port probe) waits out acse_timeout and needs no grace.
             return [a for a in server.active_associations if a.is_established]
@@ -257,7 +257,7 @@ class Receiver:
             except OSError as e:
                 LOG.warning("sweeping %s failed: %s", self.spool.tmp, e)
 
-    def _busy(self, assoc: Any) -> None:
+    def _busy(self, assoc: Association) -> None:
         """An association is receiving: let its DUL poll fast (see pynetdicom_compat)."""
         if self._busy_at.get(id(assoc)) is None:
             pynetdicom_compat.set_loop_delay(assoc, pynetdicom_compat.BUSY_LOOP_DELAY)
@@ -276,13 +276,13 @@ class Receiver:
 
     # ------------------------------------------------------------ temp files
 
-    def _new_temp_file(self, assoc: Any) -> SpoolTempFile:
+    def _new_temp_file(self, assoc: Association) -> SpoolTempFile:
         f = SpoolTempFile(self.spool.tmp_dir)
         with self._lock:
             self._temp_files.setdefault(id(assoc), set()).add(f)
         return f
 
-    def _forget(self, assoc: Any, f: SpoolTempFile) -> None:
+    def _forget(self, assoc: Association, f: SpoolTempFile) -> None:
         with self._lock:
             files = self._temp_files.get(id(assoc))
             if files is not None:
@@ -306,8 +306,8 @@ class Receiver:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        rq: Any = assoc.requestor.primitive
-        calling = (rq.calling_ae_title or "").strip()
+        rq = assoc.requestor.primitive
+        calling = (rq.calling_ae_title if rq is not None else "").strip()
         allowed = self.settings.allowed_calling_aets
         reason = None
         if allowed and calling not in allowed:
@@ -317,7 +317,8 @@ class Receiver:
             # check) pynetdicom keeps the association thread for acse_timeout although
             # its connection is gone, and its own count would reject real modalities.
             live = [a for a in assoc.ae.active_associations
-                    if a.is_acceptor and a is not assoc and a.dul.is_alive()]
+                    if a.is_acceptor and a is not assoc
+                    and pynetdicom_compat.connection_alive(a)]
             if len(live) >= self.settings.max_associations:
                 reason, rsd = (f"too many associations (max_associations "
                                f"{self.settings.max_associations})"), REJECT_TOO_MANY
@@ -367,11 +368,11 @@ class Receiver:
         ts = _uid(event.context.transfer_syntax)
         calling = (assoc.requestor.ae_title or "").strip()
         # The title the sender called us by (rules may route on it), not our own.
-        rq: Any = assoc.requestor.primitive
-        called = (rq.called_ae_title or "").strip()
+        rq = assoc.requestor.primitive
+        called = (rq.called_ae_title if rq is not None else "").strip()
         peer = f"{calling}@{assoc.requestor.address}"
         self._busy(assoc)
-        tmp = getattr(req, "_dataset_file", None)
+        tmp, _ = pynetdicom_compat.received_file(req)
         published: Path | None = None
         name = ""
         try:
@@ -442,7 +443,8 @@ class Receiver:
                           "routed although the sender was told it failed", name, e)
 
     def _adopt_foreign_temp(self, req: Any) -> SpoolTempFile:
-        src = Path(req._dataset_path)
+        _, path = pynetdicom_compat.received_file(req)
+        src = Path(path or "")
         f = SpoolTempFile(self.spool.tmp_dir)
         f.claim()
         if f.error is None:

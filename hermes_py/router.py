@@ -27,9 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydicom import config as pydicom_config
-
-from hermes_py import config, fanout, rules
+from hermes_py import config, dicomfile, fanout, rules
 from hermes_py.batches import Batches
 from hermes_py.config import ConfigError, Settings
 from hermes_py.spool import DCM, Spool
@@ -104,8 +102,8 @@ class Router:
         if self._wake is not None:
             self._wake.set()
 
-    def _joined(self, hold: rules.Hold) -> None:
-        self.batches.join(hold)
+    def _joined(self, batch: rules.Batch) -> None:
+        self.batches.join(batch)
 
     def _paused(self) -> bool:
         return time.monotonic() < self._paused_until
@@ -118,13 +116,8 @@ class Router:
     # ------------------------------------------------------------ lifecycle
 
     def run(self) -> int:
-        previous = pydicom_config.settings.reading_validation_mode
-        # Vendor headers are often slightly off; warnings per instance are noise and cost.
-        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-        try:
+        with dicomfile.lenient():
             return asyncio.run(self._main())
-        finally:
-            pydicom_config.settings.reading_validation_mode = previous
 
     async def _main(self) -> int:
         self._loop = asyncio.get_running_loop()

@@ -199,7 +199,7 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class Hold:
+class Batch:
     """Destinations waiting in ``pending/<key>/`` until the series/study is quiet."""
 
     key: str
@@ -215,7 +215,7 @@ class Hold:
                           priorities=dict(self.destinations))
 
     @classmethod
-    def from_json(cls, d: Any) -> Hold:
+    def from_json(cls, d: Any) -> Batch:
         if not isinstance(d, dict):
             raise ValueError(f"hold is not an object: {d!r}")
         dests = d.get("destinations")
@@ -233,14 +233,14 @@ class Decision:
     """Where one instance goes; what the router records before it links anything."""
 
     destinations: Mapping[str, str] = field(default_factory=dict)  # sent at once: dest -> prio
-    holds: tuple[Hold, ...] = ()
+    batches: tuple[Batch, ...] = ()
     rules: tuple[str, ...] = ()  # names of the rules that matched
     discarded_by: str | None = None
     verdicts: tuple[Verdict, ...] = ()  # empty when read back from a sidecar
 
     @property
     def discard(self) -> bool:
-        return not self.destinations and not self.holds
+        return not self.destinations and not self.batches
 
     @property
     def reason(self) -> str:
@@ -252,18 +252,18 @@ class Decision:
     @property
     def all_destinations(self) -> list[str]:
         out = list(self.destinations)
-        for h in self.holds:
+        for h in self.batches:
             out.extend(d for d in h.destinations if d not in out)
         return out
 
     def to_routing(self, at: str) -> Routing:
         """The ``routing`` object of the sidecar (docs/internals.md)."""
         prios = dict(self.destinations)
-        for h in self.holds:
+        for h in self.batches:
             prios.update(h.destinations)
         data = Routing(at=at, rules=list(self.rules), destinations=self.all_destinations,
                        discarded_by=self.discarded_by, priorities=prios,
-                       held=[h.to_json() for h in self.holds])
+                       held=[h.to_json() for h in self.batches])
         if self.discard:
             data["reason"] = self.reason
         return data
@@ -273,15 +273,15 @@ class Decision:
         """A decision an earlier run recorded: finished as recorded, whatever the rules now say."""
         if not isinstance(data, dict) or not isinstance(data.get("destinations"), list):
             raise ValueError("no recorded destinations")
-        holds = tuple(Hold.from_json(h) for h in data.get("held") or [])
-        held = {d for h in holds for d in h.destinations}
+        batches = tuple(Batch.from_json(h) for h in data.get("held") or [])
+        held = {d for h in batches for d in h.destinations}
         prios = data.get("priorities") or {}
         if not isinstance(prios, dict):
             raise ValueError("priorities is not an object")
         now = {str(d): _prio(prios.get(d)) for d in data["destinations"] if d not in held}
         rules = tuple(str(r) for r in data.get("rules") or [])
         by = data.get("discarded_by")
-        return cls(destinations=now, holds=holds, rules=rules,
+        return cls(destinations=now, batches=batches, rules=rules,
                    discarded_by=None if by is None else str(by))
 
 
@@ -337,7 +337,7 @@ def evaluate(rules: Sequence[Rule], values: Values) -> Decision:
                 prio[d] = r.priority
     now = {d: prio[d] for r in matched if r.level == "instance" for d in r.to}
     taken = set(now)
-    holds: list[Hold] = []
+    batches: list[Batch] = []
     for r in matched:
         if r.level == "instance":
             continue
@@ -346,9 +346,9 @@ def evaluate(rules: Sequence[Rule], values: Values) -> Decision:
             continue
         taken.update(dests)
         uid = values.get(_LEVEL_UID[r.level]) or ""
-        holds.append(Hold(key=pending_key(r, r.level, uid), rule=r.name, level=r.level,
+        batches.append(Batch(key=pending_key(r, r.level, uid), rule=r.name, level=r.level,
                           uid=uid, quiet_for=r.quiet_for, destinations=dests))
-    return Decision(destinations=now, holds=tuple(holds), rules=names, verdicts=verdicts)
+    return Decision(destinations=now, batches=tuple(batches), rules=names, verdicts=verdicts)
 
 
 # ---------------------------------------------------------------- explanations
@@ -387,7 +387,7 @@ def explain(decision: Decision) -> list[str]:
         return lines
     where = [f"{d}{' [urgent]' if p == 'urgent' else ''}" for d, p in
              decision.destinations.items()]
-    for h in decision.holds:
+    for h in decision.batches:
         for d, p in h.destinations.items():
             where.append(f"{d}{' [urgent]' if p == 'urgent' else ''} (held with {h.level} "
                          f"{h.uid or '(no UID)'} until {fmt_duration(h.quiet_for)} quiet)")

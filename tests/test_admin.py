@@ -1,8 +1,8 @@
 """Admin verbs against spools with known contents, through the installed ``hermes-py``.
 
-The spool contents are built with the spool primitives the stages use
-(``Spool.ensure``, ``Spool.publish``), so status and find read what a running
-router and dispatcher would have written.
+The spool contents are built with the spool verbs and sidecar builders the stages
+use (tests.support.spool.put), so status and find read what a running router and
+dispatcher would have written.
 """
 
 from __future__ import annotations
@@ -19,18 +19,26 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from hermes_py.admin import queue as queue_verbs
+from hermes_py.config import load
+from hermes_py.lifecycle import Event
 from hermes_py.pynetdicom_compat import VERIFICATION
-from hermes_py.spool import Flag, Spool, new_name
-from tests.dicomgen import make_instance, save, write_series
-from tests.peers import ScriptedSCP, free_port
-from tests.test_cli import make_rules, one_error_line, put, run
+from hermes_py.spool import Flag, Spool
+from tests.support.cli import one_error_line, run
+from tests.support.config import Config, dest, pacs_and_ris
+from tests.support.dicomgen import make_instance, save, write_series
+from tests.support.peers import ScriptedSCP, free_port
+from tests.support.spool import put
 
 HOUR = 3600.0
 
 
 @pytest.fixture
 def rules(tmp_path: Path) -> Path:
-    return make_rules(tmp_path)
+    """The pacs/ris router's rules.toml (nothing listening), with its spool."""
+    path = pacs_and_ris().write(tmp_path)
+    Spool(tmp_path / "spool").ensure(["pacs", "ris"])
+    return path
 
 
 def _spool(rules: Path) -> Spool:
@@ -50,24 +58,24 @@ def known(rules: Path) -> dict[str, Any]:
     spool = _spool(rules)
     now = time.time()
     # pacs: 3 normal (2 due, 1 in the future), 1 urgent due, 1 claimed by a worker
-    put(spool, spool.outbox("pacs"), "1.1.1", received=now - 30, next_attempt=now - 5)
-    put(spool, spool.outbox("pacs"), "1.1.2", received=now - 15 * 60, next_attempt=now - 5)
-    put(spool, spool.outbox("pacs"), "1.1.3", received=now - 2 * HOUR, next_attempt=now + HOUR)
-    put(spool, spool.outbox("pacs", "urgent"), "1.1.4", received=now - 60,
-        next_attempt=now - 1, sidecar={"priority": "urgent"})
-    put(spool, spool.active / "pacs" / "vm-1-abc", "1.1.5", received=now - 3 * HOUR)
+    put(spool, None, sop="1.1.1", dest="pacs", received=now - 30, mtime=now - 5)
+    put(spool, None, sop="1.1.2", dest="pacs", received=now - 15 * 60, mtime=now - 5)
+    put(spool, None, sop="1.1.3", dest="pacs", received=now - 2 * HOUR, mtime=now + HOUR)
+    put(spool, None, sop="1.1.4", dest="pacs", priority="urgent", received=now - 60,
+        mtime=now - 1)
+    put(spool, spool.active / "pacs" / "vm-1-abc", sop="1.1.5", dest="pacs",
+        received=now - 3 * HOUR)
     # pacs: 2 in error/pacs, 3 in success/pacs of which 2 delivered in the last 24 h
-    put(spool, spool.error_dir("pacs"), "1.1.6",
-        sidecar={"error": {"stage": "dispatch", "reason": "0xC000 cannot understand",
-                           "at": "x"}})
-    put(spool, spool.error_dir("pacs"), "1.1.7")
-    put(spool, spool.success_dir("pacs"), "1.1.8", received=now - 60)
-    put(spool, spool.success_dir("pacs"), "1.1.9", received=now - 3 * 86400,
-        next_attempt=now - HOUR)            # received long ago, delivered an hour ago
-    put(spool, spool.success_dir("pacs"), "1.1.10", received=now - 3 * 86400,
-        next_attempt=now - 2 * 86400)       # delivered two days ago: not counted
+    put(spool, spool.error_dir("pacs"), sop="1.1.6", dest="pacs",
+        error={"stage": "dispatch", "reason": "0xC000 cannot understand", "at": "x"})
+    put(spool, spool.error_dir("pacs"), sop="1.1.7", dest="pacs")
+    put(spool, spool.success_dir("pacs"), sop="1.1.8", dest="pacs", received=now - 60)
+    put(spool, spool.success_dir("pacs"), sop="1.1.9", dest="pacs", received=now - 3 * 86400,
+        mtime=now - HOUR)            # received long ago, delivered an hour ago
+    put(spool, spool.success_dir("pacs"), sop="1.1.10", dest="pacs", received=now - 3 * 86400,
+        mtime=now - 2 * 86400)       # delivered two days ago: not counted
     # ris: held, backing off, 1 queued
-    put(spool, spool.outbox("ris"), "1.2.1", received=now - 25 * HOUR, next_attempt=now - 5)
+    put(spool, None, sop="1.2.1", dest="ris", received=now - 25 * HOUR, mtime=now - 5)
     spool.write_json(spool.state_file("ris"), {
         "destination": "ris", "state": "backoff", "backoff_until": now + 600,
         "consecutive_failures": 4,
@@ -77,11 +85,11 @@ def known(rules: Path) -> dict[str, Any]:
         "last_error": {"at": "t", "kind": "association rejected", "detail": "(1,1,7)"}})
     spool.flag("ris", Flag.HOLD).write_text("{}")
     # shared folders
-    put(spool, spool.incoming, "1.3.1")
-    put(spool, spool.incoming, "1.3.2")
-    put(spool, spool.pending / "study-1.2.3", "1.3.3")
-    put(spool, spool.error, "1.3.4", sidecar={"error": {"reason": "not DICOM"}})
-    put(spool, spool.discard, "1.3.5")
+    put(spool, spool.incoming, sop="1.3.1")
+    put(spool, spool.incoming, sop="1.3.2")
+    put(spool, spool.pending / "study-1.2.3", sop="1.3.3")
+    put(spool, spool.error, b"not DICOM", sop="1.3.4", error={"reason": "not DICOM"})
+    put(spool, spool.discard, sop="1.3.5")
     (spool.drop / "a" / "b").mkdir(parents=True)
     (spool.drop / "a" / "b" / "IM1").write_bytes(b"x")
     return {"rules": rules, "spool": spool, "now": now}
@@ -136,6 +144,38 @@ def test_status_low_space_warning(known: dict[str, Any]) -> None:
     assert "BELOW min_free_mb" in cp.stdout
 
 
+def test_status_counts_a_hyphenated_destination_once_under_its_name(tmp_path: Path) -> None:
+    """``pacs-web`` lives in folders named ``pacs_web`` (folder names are sanitised): its
+    queue is counted under the name rules.toml gives it, once, and the folders do not
+    show up again as a destination that is "not configured"."""
+    path = Config(destinations=[dest("pacs-web", ae_title="WEB"), dest("pacs", ae_title="PACS")],
+                  receiver={"port": free_port()}).write(tmp_path)
+    spool = Spool(tmp_path / "spool")
+    spool.ensure(["pacs-web", "pacs"])
+    assert spool.outbox("pacs-web").name == "pacs_web"  # the premise
+    now = time.time()
+    for i in range(3):
+        put(spool, None, sop=f"5.1.{i}", dest="pacs-web", received=now - 600, mtime=now - 1)
+    put(spool, None, sop="5.2", dest="pacs-web", priority="urgent")
+    put(spool, spool.active / "pacs_web" / "vm-1-abc", sop="5.3", dest="pacs-web")
+    put(spool, spool.error_dir("pacs-web"), sop="5.4", dest="pacs-web")
+    put(spool, None, sop="5.5", dest="pacs")
+
+    cp = run("status", "--json", "-c", path)
+    assert cp.returncode == 0, cp.stderr
+    dests = json.loads(cp.stdout)["destinations"]
+    assert sorted(dests) == ["pacs", "pacs-web"]
+    web = dests["pacs-web"]
+    assert web["configured"] is True and web["state"] != "not configured"
+    assert (web["queued"], web["urgent"], web["active"], web["due"], web["error"]) == \
+        (5, 1, 1, 4, 1)
+    assert 600 - 60 < web["oldest_age"] < 600 + 600
+    assert dests["pacs"]["queued"] == 1 and dests["pacs"]["error"] == 0
+    cp = run("status", "-c", path)
+    assert cp.returncode == 0, cp.stderr
+    assert "pacs_web" not in cp.stdout and "not configured" not in cp.stdout
+
+
 # ---------------------------------------------------------------- find
 
 
@@ -147,19 +187,17 @@ def test_find_by_sop_study_and_series(rules: Path) -> None:
                "destinations": ["pacs", "ris"], "discarded_by": None}
     history = [{"at": "2026-11-28T05:18:00.000Z", "outcome": "transient", "status": "0xA700",
                 "reason": "Refused: Out of Resources"}]
-    put(spool, spool.outbox("pacs"), sop1, study=study, series=series,
-        sidecar={"routing": routing, "destination": "pacs", "attempts": 1, "history": history})
-    put(spool, spool.success_dir("ris"), sop1, study=study, series=series,
-        sidecar={"routing": routing, "destination": "ris", "attempts": 1,
-                 "delivered_at": "2026-11-28T05:17:04.000Z"})
-    put(spool, spool.error_dir("pacs"), sop2, study=study, series=other_series,
-        sidecar={"routing": routing, "error": {"stage": "dispatch", "reason": "0xC000 bad",
-                                               "at": "2026-11-28T05:20:00.000Z"}})
-    # not routed yet: the UIDs are only in the file
-    save(make_instance(sop_uid=sop3, study_uid=study, series_uid=series), spool.tmp / "x.dcm")
-    spool.publish(spool.tmp / "x.dcm", spool.incoming, new_name(sop3),
-                  {"sop_instance_uid": sop3, "source": "drop", "original_path": "drop/IM3"})
-    put(spool, spool.outbox("pacs"), generate_uid(), study=generate_uid())  # someone else
+    put(spool, None, sop=sop1, study=study, series=series, dest="pacs", routing=routing,
+        attempts=1, history=history)
+    put(spool, spool.success_dir("ris"), sop=sop1, study=study, series=series, dest="ris",
+        routing=routing, attempts=1, delivered_at="2026-11-28T05:17:04.000Z")
+    put(spool, spool.error_dir("pacs"), sop=sop2, study=study, series=other_series,
+        dest="pacs", routing=routing, error={"stage": "dispatch", "reason": "0xC000 bad",
+                                             "at": "2026-11-28T05:20:00.000Z"})
+    # not routed yet: the study and series UIDs are only in the file
+    put(spool, spool.incoming, make_instance(sop_uid=sop3, study_uid=study, series_uid=series),
+        source="drop", original_path="drop/IM3")
+    put(spool, None, dest="pacs", study=generate_uid())  # someone else
 
     cp = run("find", sop1, "-c", rules)
     assert cp.returncode == 0, cp.stderr
@@ -167,7 +205,7 @@ def test_find_by_sop_study_and_series(rules: Path) -> None:
     assert "outgoing/pacs/" in cp.stdout and "success/ris/" in cp.stdout
     assert "0xA700 Refused: Out of Resources" in cp.stdout
     assert 'by "everything" -> pacs, ris' in cp.stdout
-    assert "from CT1@127.0.0.1 to HERMES" in cp.stdout
+    assert "from CT1@127.0.0.1:40000 to HERMES" in cp.stdout
 
     cp = run("find", study, "--json", "-c", rules)
     assert cp.returncode == 0, cp.stderr
@@ -193,11 +231,11 @@ def test_retry_moves_error_back_with_counters_reset(rules: Path) -> None:
     study = generate_uid()
     err = {"stage": "dispatch", "reason": "gave up after 3d", "at": "t", "destination": "pacs"}
     hist = [{"at": "t0", "outcome": "transient", "reason": "refused"}]
-    a = put(spool, spool.error_dir("pacs"), "2.1", study=study,
-            sidecar={"attempts": 9, "error": err, "history": hist, "destination": "pacs"})
-    b = put(spool, spool.error_dir("pacs"), "2.2", study=generate_uid(),
-            sidecar={"attempts": 4, "error": err, "priority": "urgent"})
-    c = put(spool, spool.error_dir("ris"), "2.3", sidecar={"attempts": 2, "error": err})
+    a = put(spool, spool.error_dir("pacs"), sop="2.1", study=study, dest="pacs", attempts=9,
+            error=err, history=hist)
+    b = put(spool, spool.error_dir("pacs"), sop="2.2", dest="pacs", priority="urgent",
+            attempts=4, error=err)
+    c = put(spool, spool.error_dir("ris"), sop="2.3", dest="ris", attempts=2, error=err)
 
     before = time.time()
     cp = run("retry", "pacs", "--study", study, "-c", rules)
@@ -228,6 +266,7 @@ def test_hold_release_flush_flags(rules: Path) -> None:
     assert cp.returncode == 0, cp.stderr
     assert spool.flag("pacs", Flag.HOLD).exists() and not spool.flag("ris", Flag.HOLD).exists()
     assert "held" in cp.stdout
+    assert "destination_held dest=pacs by=" in cp.stderr  # the event's log line
     assert run("hold", "pacs", "-c", rules).stdout.startswith("pacs: already held")
     cp = run("flush", "pacs", "-c", rules)
     assert cp.returncode == 0 and spool.flag("pacs", Flag.FLUSH).exists()
@@ -236,7 +275,19 @@ def test_hold_release_flush_flags(rules: Path) -> None:
     assert json.loads(cp.stdout)["destinations"]["pacs"]["state"] == "held"
     cp = run("release", "pacs", "-c", rules)
     assert cp.returncode == 0 and not spool.flag("pacs", Flag.HOLD).exists()
+    assert "destination_released dest=pacs by=" in cp.stderr
     assert "was not held" in run("release", "pacs", "-c", rules).stdout
+
+
+def test_hold_and_release_are_events_saying_who_asked(rules: Path, events) -> None:
+    cfg = load(rules)
+    assert queue_verbs.hold(cfg, "pacs", by="alice").changed
+    assert not queue_verbs.hold(cfg, "pacs", by="bob").changed      # already held
+    assert queue_verbs.release(cfg, "pacs", by="carol").changed
+    assert not queue_verbs.release(cfg, "pacs", by="dave").changed  # was not held
+    assert [(o.event, o.destination, dict(o.fields)) for o in events] == [
+        (Event.DESTINATION_HELD, "pacs", {"by": "alice"}),
+        (Event.DESTINATION_RELEASED, "pacs", {"by": "carol"})]
 
 
 # ---------------------------------------------------------------- purge
@@ -245,14 +296,14 @@ def test_hold_release_flush_flags(rules: Path) -> None:
 def test_purge_lists_without_yes_and_deletes_only_the_selection(rules: Path) -> None:
     spool = _spool(rules)
     study = generate_uid()
-    old = put(spool, spool.error_dir("pacs"), "3.1", sidecar={"error": {"reason": "bad"}})
-    os.utime(old.with_suffix(".json"), (time.time() - 10 * 86400,) * 2)
-    new = put(spool, spool.error_dir("pacs"), "3.2", study=study)
-    ris = put(spool, spool.error_dir("ris"), "3.3")
-    top = put(spool, spool.error, "3.4")
-    q = put(spool, spool.outbox("pacs"), "3.5")
-    d1 = put(spool, spool.discard, "3.6", study=study)
-    d2 = put(spool, spool.discard, "3.7")
+    old = put(spool, spool.error_dir("pacs"), sop="3.1", error={"reason": "bad"},
+              mtime=time.time() - 10 * 86400)     # landed in error/pacs/ 10 days ago
+    new = put(spool, spool.error_dir("pacs"), sop="3.2", study=study)
+    ris = put(spool, spool.error_dir("ris"), sop="3.3")
+    top = put(spool, spool.error, sop="3.4")
+    q = put(spool, None, sop="3.5", dest="pacs")
+    d1 = put(spool, spool.discard, sop="3.6", study=study)
+    d2 = put(spool, spool.discard, sop="3.7")
 
     cp = run("purge", "error", "pacs", "--older-than", "7d", "-c", rules)
     assert cp.returncode == 0, cp.stderr
@@ -279,9 +330,10 @@ def test_purge_lists_without_yes_and_deletes_only_the_selection(rules: Path) -> 
 # ---------------------------------------------------------------- echo
 
 
-def _echo_rules(folder: Path, pacs_port: int, ris_port: int) -> Path:
-    from tests.test_cli import write_rules
-    path = write_rules(folder, pacs_port=pacs_port, ris_port=ris_port)
+def _echo_rules(folder: Path, pacs_port: int, ris_port: int, **pacs: object) -> Path:
+    cfg = pacs_and_ris(pacs_port, ris_port)
+    cfg.destination("pacs").options.update(pacs)
+    path = cfg.write(folder)
     Spool(folder / "spool").ensure(["pacs", "ris"])
     return path
 
@@ -326,8 +378,7 @@ def test_echo_timeout_when_peer_never_answers(tmp_path: Path) -> None:
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(5)
-        path = _echo_rules(tmp_path, hung.getsockname()[1], free_port())
-        path.write_text(path.read_text().replace('acse_timeout = "5s"', 'acse_timeout = "1s"'))
+        path = _echo_rules(tmp_path, hung.getsockname()[1], free_port(), acse_timeout="1s")
         cp = run("echo", "pacs", "-c", path)
     assert cp.returncode == 1
     assert "FAILED timeout: connected, but no association answer within acse_timeout 1s" \
@@ -364,7 +415,9 @@ def test_send_refuses_missing_paths_and_disabled_intake(rules: Path, tmp_path: P
     cp = run("send", tmp_path / "nope", "-c", rules)
     assert cp.returncode == 2
     assert "no such file or folder" in one_error_line(cp)
-    rules.write_text(rules.read_text() + "\n[intake]\nenabled = false\n")
+    cfg = pacs_and_ris()
+    cfg.intake = {"enabled": False}
+    cfg.write(rules.parent)
     cp = run("send", rules, "-c", rules)
     assert cp.returncode == 2
     assert "intake is disabled" in one_error_line(cp)

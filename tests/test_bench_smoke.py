@@ -6,7 +6,10 @@ JSON from hand-made results whose ratios are known.
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from pydicom import dcmread
@@ -119,8 +122,6 @@ def test_selection_and_process_labels() -> None:
     assert procs.label(["/v/bin/python", "/v/bin/hermes-py", "dispatch", "pacs", "-c", "x"]) \
         == "dispatch pacs"
     assert procs.label(["/v/bin/python", "-m", "hermes_py", "receive", "-c", "x"]) == "receive"
-    assert procs.label(["/v/bin/python", "-c", "import sys; from hermes_py import receiver; ...",
-                        "rules.toml", "11112", "1"]) == "receive sibling"
 
 
 def test_profile_summary_parses_pyspy_raw(tmp_path: Path) -> None:
@@ -148,3 +149,26 @@ def test_profile_summary_parses_pyspy_raw(tmp_path: Path) -> None:
         "DULServiceProvider.run_reactor (pynetdicom/dul.py)", "Condition.wait (threading.py)"}
     assert list(s["processes"]) == ["receive", "serve"]
     assert "[receive] busy ~0.2 cores" in profiling.format_summary(s)
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_bench_imports_only_tests_support_and_runs_without_pytest() -> None:
+    """The bench extra has no pytest: bench/ may use tests.support, never a test module."""
+    for path in sorted(BENCH.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name == "tests" or name.startswith("tests."):
+                    assert name.startswith("tests.support"), f"{path.name} imports {name}"
+    code = ("import sys\n"
+            "sys.modules['pytest'] = sys.modules['_pytest'] = None  # import pytest fails\n"
+            "import bench.corpus, bench.floor, bench.procs, bench.profiling, bench.run\n"
+            "import bench.scenarios\n"
+            "import tests.support.cli, tests.support.config, tests.support.fs\n"
+            "import tests.support.serve, tests.support.spool\n")
+    cp = subprocess.run([sys.executable, "-c", code], cwd=BENCH.parent, capture_output=True,
+                        text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr

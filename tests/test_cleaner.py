@@ -11,51 +11,42 @@ from pathlib import Path
 
 from hermes_py.cleaner import ORPHAN_GRACE, Cleaner, clean_once
 from hermes_py.config import Settings
-from hermes_py.spool import Spool, new_name
-from tests.peers import wait_for
+from hermes_py.spool import Spool
+from tests.support.config import dest
+from tests.support.peers import wait_for
+from tests.support.spool import put
 
 DAY = 86400.0
 
 
-def put(spool: Spool, folder: Path, age: float, sidecar: bool = True) -> Path:
-    """An instance in ``folder`` whose sidecar (or .dcm) was written ``age`` seconds ago."""
-    folder.mkdir(parents=True, exist_ok=True)
-    name = new_name("1.2.3")
-    dcm = folder / (name + ".dcm")
-    dcm.write_bytes(b"DICM")
+def landed(spool: Spool, folder: Path, age: float, sidecar: bool = True) -> Path:
+    """An instance that landed in ``folder`` ``age`` seconds ago (its sidecar's mtime);
+    without ``sidecar``, a bare .dcm of that age."""
     t = time.time() - age
-    if sidecar:
-        spool.write_json(folder / (name + ".json"), {"name": name}, mtime=t)
-    os.utime(dcm, (t, t))
+    dcm = put(spool, folder, b"DICM", sop="1.2.3", mtime=t)
+    if not sidecar:
+        spool.sidecar_of(dcm).unlink()
+        os.utime(dcm, (t, t))
     return dcm
 
 
 def cfg_with(make_settings, keep_success: str = "7d", keep_discard: str = "2d") -> Settings:
-    return make_settings(f'''
-        [spool]
-        path = "spool"
-        min_free_mb = 0
-        keep_success = "{keep_success}"
-        keep_discard = "{keep_discard}"
-        tmp_max_age = "1h"
-        [destinations.pacs]
-        ae_title = "DEST"
-        host = "127.0.0.1"
-        port = 11112
-    ''')
+    return make_settings(dest("pacs", 11112), spool={
+        "path": "spool", "min_free_mb": 0, "keep_success": keep_success,
+        "keep_discard": keep_discard, "tmp_max_age": "1h"})
 
 
 def test_ages_out_success_and_discard_but_never_error(make_settings) -> None:
     cfg = cfg_with(make_settings)
     s = Spool(cfg.spool.path)
-    old_ok = put(s, s.success_dir("pacs"), 8 * DAY)
-    new_ok = put(s, s.success_dir("pacs"), 6 * DAY)
-    gone_dest = put(s, s.success_dir("removed-dest"), 30 * DAY)
-    old_disc = put(s, s.discard, 3 * DAY)
-    new_disc = put(s, s.discard, 1 * DAY)
-    no_sidecar = put(s, s.discard, 3 * DAY, sidecar=False)
-    errs = [put(s, s.error_dir("pacs"), 365 * DAY), put(s, s.error_dir(), 365 * DAY)]
-    queued = put(s, s.outbox("pacs"), 365 * DAY)
+    old_ok = landed(s, s.success_dir("pacs"), 8 * DAY)
+    new_ok = landed(s, s.success_dir("pacs"), 6 * DAY)
+    gone_dest = landed(s, s.success_dir("removed-dest"), 30 * DAY)
+    old_disc = landed(s, s.discard, 3 * DAY)
+    new_disc = landed(s, s.discard, 1 * DAY)
+    no_sidecar = landed(s, s.discard, 3 * DAY, sidecar=False)
+    errs = [landed(s, s.error_dir("pacs"), 365 * DAY), landed(s, s.error_dir(), 365 * DAY)]
+    queued = landed(s, s.outbox("pacs"), 365 * DAY)
 
     r = clean_once(cfg)
     assert (r.success, r.discard) == (2, 2)
@@ -71,7 +62,7 @@ def test_age_is_the_sidecar_time_not_the_file_time(make_settings) -> None:
     # A file received a month ago but delivered an hour ago is kept.
     cfg = cfg_with(make_settings)
     s = Spool(cfg.spool.path)
-    p = put(s, s.success_dir("pacs"), 3600)
+    p = landed(s, s.success_dir("pacs"), 3600)
     os.utime(p, (time.time() - 30 * DAY,) * 2)
     assert clean_once(cfg).success == 0 and p.exists()
 
@@ -119,12 +110,12 @@ def test_orphan_sidecars_go_only_after_two_passes(make_settings) -> None:
     s = Spool(cfg.spool.path)
     orphans = []
     for folder in (s.outbox("pacs"), s.outbox("pacs", "urgent"), s.incoming, s.discard):
-        p = put(s, folder, 10)
+        p = landed(s, folder, 10)
         p.unlink()
         orphans.append(p.with_suffix(".json"))
-    err_orphan = put(s, s.error_dir("pacs"), 10 * DAY)
+    err_orphan = landed(s, s.error_dir("pacs"), 10 * DAY)
     err_orphan.unlink()
-    healthy = put(s, s.outbox("pacs"), 10 * DAY)  # old mtime = long due, not an age
+    healthy = landed(s, s.outbox("pacs"), 10 * DAY)  # old mtime = long due, not an age
     c = Cleaner(cfg)
     now = time.time()
     assert c.clean_once(now).orphans == 0  # first sight: only noted
@@ -139,7 +130,7 @@ def test_orphan_sidecars_go_only_after_two_passes(make_settings) -> None:
 def test_a_sidecar_that_changed_between_passes_is_not_an_orphan(make_settings) -> None:
     cfg = cfg_with(make_settings)
     s = Spool(cfg.spool.path)
-    p = put(s, s.outbox("pacs"), 10)
+    p = landed(s, s.outbox("pacs"), 10)
     p.unlink()
     c = Cleaner(cfg)
     now = time.time()
@@ -151,10 +142,10 @@ def test_a_sidecar_that_changed_between_passes_is_not_an_orphan(make_settings) -
     assert p.with_suffix(".json").exists()
 
 
-def test_clean_process_stops_on_sigterm(make_settings, tmp_path: Path) -> None:
+def test_clean_process_stops_on_sigterm(make_settings) -> None:
     cfg = cfg_with(make_settings, keep_success="1s")
     s = Spool(cfg.spool.path)
-    old = put(s, s.success_dir("pacs"), 60)
+    old = landed(s, s.success_dir("pacs"), 60)
     proc = subprocess.Popen([sys.executable, "-m", "hermes_py", "clean", "-c", str(cfg.path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -2,129 +2,29 @@
 
 Every test runs the console script as a subprocess (what systemd and a person
 run), so argument parsing, config loading and exit codes are the real ones.
-Helpers here are shared with test_admin.py and test_supervisor.py.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from hermes_py.spool import Spool, new_name, now_iso
-from tests.dicomgen import make_instance, save
-
-ROOT = Path(__file__).resolve().parents[1]
-HERMES = ROOT / ".venv" / "bin" / "hermes-py"
-
-
-def hermes_exe() -> str:
-    if HERMES.exists():
-        return str(HERMES)
-    found = shutil.which("hermes-py")
-    if not found:
-        pytest.skip("hermes-py is not installed (make test installs it)")
-    return found
-
-
-def run(*args: str | Path, cwd: Path | None = None, timeout: float = 120,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the installed console script; stdout and stderr captured as text."""
-    return subprocess.run([hermes_exe(), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, input=input)
-
-
-def one_error_line(cp: subprocess.CompletedProcess[str]) -> str:
-    """The error output must be exactly one line (no traceback) and say 'error'."""
-    lines = [ln for ln in cp.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one error line, got:\n{cp.stderr}"
-    assert "error" in lines[0]
-    return lines[0]
-
-
-BASE_CONFIG = """
-[spool]
-path = "spool"
-min_free_mb = 0
-
-[receiver]
-ae_title = "HERMES"
-bind = "127.0.0.1"
-port = {port}
-
-[destinations.pacs]
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-connection_timeout = "3s"
-acse_timeout = "5s"
-initial_delay = "1s"
-max_delay = "2s"
-
-[destinations.ris]
-ae_title = "RIS"
-host = "127.0.0.1"
-port = {ris_port}
-connection_timeout = "3s"
-acse_timeout = "5s"
-
-[[rules]]
-name = "everything"
-to = ["pacs", "ris"]
-"""
-
-
-def write_rules(folder: Path, text: str = BASE_CONFIG, **ports: Any) -> Path:
-    from tests.peers import free_port
-    values = {"port": free_port(), "pacs_port": free_port(), "ris_port": free_port(), **ports}
-    path = folder / "rules.toml"
-    path.write_text(textwrap.dedent(text).format(**values))
-    return path
-
-
-def put(spool: Spool, folder: Path, sop: str, sidecar: dict[str, Any] | None = None,
-        received: float | None = None, next_attempt: float | None = None,
-        study: str | None = None, series: str | None = None, dicom: bool = False) -> Path:
-    """Place one instance (a .dcm and its sidecar) in a spool folder, as a stage would."""
-    folder.mkdir(parents=True, exist_ok=True)
-    name = new_name(sop, when=received)
-    tmp = spool.tmp / f"t-{name}.dcm"
-    tmp.parent.mkdir(exist_ok=True)
-    if dicom:
-        save(make_instance(sop_uid=sop, study_uid=study, series_uid=series), tmp)
-    else:
-        tmp.write_bytes(b"not really dicom " + sop.encode())
-    data: dict[str, Any] = {"name": name, "sop_instance_uid": sop,
-                            "received_at": now_iso(received), "source": "network",
-                            "calling_ae": "CT1", "called_ae": "HERMES",
-                            "peer_address": "127.0.0.1", "size": tmp.stat().st_size}
-    if study:
-        data["study_instance_uid"] = study
-    if series:
-        data["series_instance_uid"] = series
-    data.update(sidecar or {})
-    dcm = spool.publish(tmp, folder, name, data, fsync_data=False)
-    if next_attempt is not None:
-        os.utime(dcm.with_suffix(".json"), (next_attempt, next_attempt))
-    return dcm
-
-
-def make_rules(folder: Path) -> Path:
-    """A rules.toml with two destinations (nothing listening) and an existing spool."""
-    path = write_rules(folder)
-    Spool(folder / "spool").ensure(["pacs", "ris"])
-    return path
+from hermes_py.spool import Spool
+from tests.support.cli import one_error_line, run
+from tests.support.config import pacs_and_ris
+from tests.support.spool import put
 
 
 @pytest.fixture
 def rules(tmp_path: Path) -> Path:
-    return make_rules(tmp_path)
+    """The pacs/ris router's rules.toml, with its spool."""
+    path = pacs_and_ris().write(tmp_path)
+    Spool(tmp_path / "spool").ensure(["pacs", "ris"])
+    return path
 
 
 # ---------------------------------------------------------------- arguments
@@ -154,7 +54,7 @@ def test_default_config_is_rules_toml_in_cwd(tmp_path: Path) -> None:
     line = one_error_line(cp)
     assert cp.returncode == 2
     assert "rules.toml" in line and "not found" in line
-    write_rules(tmp_path)
+    pacs_and_ris().write(tmp_path)
     Spool(tmp_path / "spool").ensure(["pacs", "ris"])
     cp = run("status", cwd=tmp_path)
     assert cp.returncode == 0, cp.stderr
@@ -172,7 +72,7 @@ def test_missing_config_is_one_line(tmp_path: Path, verb: list[str]) -> None:
 
 
 def test_invalid_config_names_file_line_and_key(tmp_path: Path) -> None:
-    path = write_rules(tmp_path)
+    path = pacs_and_ris().write(tmp_path)
     path.write_text(path.read_text().replace('port = ', 'prot = ', 1))
     cp = run("status", "-c", path)
     assert cp.returncode == 2
@@ -194,7 +94,7 @@ def test_unknown_destination(rules: Path) -> None:
 
 
 def test_admin_commands_never_create_a_spool(tmp_path: Path) -> None:
-    path = write_rules(tmp_path)
+    path = pacs_and_ris().write(tmp_path)
     spool = tmp_path / "spool"
     for verb in (["status"], ["status", "--json"], ["find", "1.2.3"], ["retry", "--all"],
                  ["hold", "pacs"], ["release", "pacs"], ["flush", "pacs"],
@@ -236,7 +136,7 @@ def test_permission_denied_is_one_line(rules: Path) -> None:
 def test_permission_denied_config(tmp_path: Path) -> None:
     if os.geteuid() == 0:
         pytest.skip("root reads everything")
-    path = write_rules(tmp_path)
+    path = pacs_and_ris().write(tmp_path)
     path.chmod(0)
     cp = run("status", "-c", path)
     assert cp.returncode == 2
@@ -252,7 +152,7 @@ def test_find_not_found_exits_1(rules: Path) -> None:
 def test_status_runs_with_spool_of_removed_destination(rules: Path) -> None:
     """A destination removed from rules.toml still shows while instances wait for it."""
     spool = Spool(rules.parent / "spool")
-    put(spool, spool.error_dir("oldpacs"), "1.2.3.9", {"destination": "oldpacs"})
+    put(spool, spool.error_dir("oldpacs"), sop="1.2.3.9", destination="oldpacs")
     cp = run("status", "-c", rules)
     assert cp.returncode == 0, cp.stderr
     assert "oldpacs" in cp.stdout and "not configured" in cp.stdout

@@ -205,6 +205,18 @@ BAD = [
         to = ["pacs"]
         match = { Modality = [] }  # <-
         """), "rules[0].match.Modality", "non-empty list"),
+    # pacs-web and pacs_web would both be outgoing/pacs_web/: one queue for two.
+    ("names-sharing-a-folder", HEAD + textwrap.dedent("""\
+        [destinations.pacs-web]
+        ae_title = "A"
+        host = "h"
+        port = 1
+
+        [destinations.PACS_web]  # <-
+        ae_title = "B"
+        host = "h"
+        port = 2
+        """), "destinations.PACS_web", "would share its folders with destination 'pacs-web'"),
 ]
 
 

@@ -6,11 +6,14 @@ kill -9 and multi-process ones are in test_dispatcher_process.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -30,22 +33,26 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from hermes_py.config import RetryPolicy, Settings
+from hermes_py.destination_state import DestinationState
 from hermes_py.destinations.dicom_scu import DicomDestination
 from hermes_py.destinations.negotiation import plan
 from hermes_py.dispatcher import SUCCESS_FLUSH_COUNT, Dispatcher, backoff_delay
+from hermes_py.lifecycle import Event
+from hermes_py.outcomes import RETRY_CAPS, LinkFailure, LinkKind, classify_reject
 from hermes_py.pynetdicom_compat import BUSY_LOOP_DELAY
 from hermes_py.spool import Flag, Spool
-from tests.dicomgen import compressed_instance, dataset_bytes, make_instance
-from tests.peers import LOOPBACK, Script, ScriptedSCP, Storescp, free_port, wait_for
-from tests.test_dispatcher_helpers import (
-    active,
-    dcms,
-    dest_toml,
-    enqueue,
+from tests.support.config import dest
+from tests.support.dicomgen import compressed_instance, dataset_bytes, make_instance
+from tests.support.peers import LOOPBACK, Script, ScriptedSCP, Storescp, free_port, wait_for
+from tests.support.spool import (
+    claimed,
+    delivered,
+    errored,
+    queue,
     queued,
-    serving,
     sidecars,
     state,
+    temp_files,
 )
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
@@ -53,30 +60,42 @@ pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
-@pytest.fixture
-def spool_of():
-    def get(cfg: Settings) -> Spool:
-        return Spool(cfg.spool.path)
-    return get
-
-
 def series(cfg: Settings, dest: str, n: int, **kw: object) -> list[str]:
+    """``n`` instances of one new series queued for ``dest``; their SOP Instance UIDs."""
     study, ser = generate_uid(), generate_uid()
     uids = []
     for i in range(n):
         ds = make_instance(16, 16, study_uid=study, series_uid=ser, instance_number=i + 1,
                            **kw)  # type: ignore[arg-type]
-        enqueue(cfg, dest, ds)
+        queue(cfg, dest, ds)
         uids.append(str(ds.SOPInstanceUID))
     return uids
 
 
-def delivered(cfg: Settings, dest: str) -> list[Path]:
-    return dcms(Spool(cfg.spool.path).success_dir(dest))
+@contextlib.contextmanager
+def serving(cfg: Settings, dest: str, poll: float = 0.1) -> Iterator[Dispatcher]:
+    """A dispatcher serving in a thread; stopped (and its claims returned) on exit."""
+    d = Dispatcher(cfg, dest, poll=poll)
+    d.start()  # workers exist (and claims are recovered) before the test looks
+    stop = threading.Event()
+    errors: list[BaseException] = []
 
+    def target() -> None:
+        try:
+            d.serve(stop)
+        except BaseException as e:  # surfaced to the test below
+            errors.append(e)
 
-def errored(cfg: Settings, dest: str) -> list[Path]:
-    return dcms(Spool(cfg.spool.path).error_dir(dest))
+    t = threading.Thread(target=target, name=f"test-serve-{dest}", daemon=True)
+    t.start()
+    try:
+        yield d
+    finally:
+        stop.set()
+        t.join(60)
+        assert not t.is_alive(), "dispatcher did not stop within 60s"
+        if errors:
+            raise errors[0]
 
 
 # ---------------------------------------------------------------- the happy path
@@ -84,11 +103,11 @@ def errored(cfg: Settings, dest: str) -> list[Path]:
 
 def test_delivers_as_stored_with_truthful_sidecars(make_settings) -> None:
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port, calling_ae_title="ROUTER1"))
+        cfg = make_settings(dest("pacs", scp.port, calling_ae_title="ROUTER1"))
         uids = series(cfg, "pacs", 8)
         uids += series(cfg, "pacs", 2, transfer_syntax=ImplicitVRLittleEndian)
         jpeg = compressed_instance("jpeg_baseline")
-        enqueue(cfg, "pacs", jpeg)
+        queue(cfg, "pacs", jpeg)
         uids.append(str(jpeg.SOPInstanceUID))
         with serving(cfg, "pacs"):
             wait_for(lambda: len(delivered(cfg, "pacs")) == 11, 60, what="11 delivered")
@@ -106,7 +125,7 @@ def test_delivers_as_stored_with_truthful_sidecars(make_settings) -> None:
             assert [h["outcome"] for h in sc["history"]] == ["success"]
             assert sc["history"][0]["status"] == "0x0000"
             assert sc["destination"] == "pacs" and "last_error" not in sc
-        assert not queued(cfg, "pacs") and not active(cfg, "pacs")
+        assert not queued(cfg, "pacs") and not claimed(cfg, "pacs")
         st = state(cfg, "pacs")
         assert st["state"] == "ok" and st["backoff_until"] is None and st["last_success"]
         assert st["consecutive_failures"] == 0 and st["destination"] == "pacs"
@@ -114,10 +133,10 @@ def test_delivers_as_stored_with_truthful_sidecars(make_settings) -> None:
 
 def test_urgent_is_sent_before_older_normal(make_settings) -> None:
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         series(cfg, "pacs", 4)
         urgent = make_instance(16, 16)
-        enqueue(cfg, "pacs", urgent, priority="urgent")
+        queue(cfg, "pacs", urgent, priority="urgent")
         d = Dispatcher(cfg, "pacs")
         try:
             assert d.run_once() == 5
@@ -129,11 +148,11 @@ def test_urgent_is_sent_before_older_normal(make_settings) -> None:
 # ---------------------------------------------------------------- destination down
 
 
-def test_down_for_several_backoff_periods_then_up_drains_everything(make_settings,
-                                                                    caplog) -> None:
+def test_down_for_several_backoff_periods_then_up_drains_everything(make_settings, caplog,
+                                                                    events) -> None:
     caplog.set_level(logging.INFO, logger="hermes_py")
     port = free_port()
-    cfg = make_settings(dest_toml("pacs", port, max_delay="600ms"))
+    cfg = make_settings(dest("pacs", port, max_delay="600ms"))
     uids = series(cfg, "pacs", 30)
     with serving(cfg, "pacs"):
         wait_for(lambda: state(cfg, "pacs").get("consecutive_failures", 0) >= 4, 60,
@@ -162,12 +181,20 @@ def test_down_for_several_backoff_periods_then_up_drains_everything(make_setting
     assert state(cfg, "pacs")["state"] == "ok"
     text = caplog.text
     assert text.count("is UNAVAILABLE") == 1 and "is AVAILABLE again" in text
+    # the two edges are events, once each, in order (the probes between are not)
+    edges = [o for o in events if o.event in (Event.DESTINATION_DOWN,
+                                              Event.DESTINATION_RECOVERED)]
+    assert [(o.event, o.destination) for o in edges] == [
+        (Event.DESTINATION_DOWN, "pacs"), (Event.DESTINATION_RECOVERED, "pacs")]
+    down, up = edges
+    assert down.fields["kind"] == "connection refused" and down.fields["queued"] == 30
+    assert up.fields["was"] == "backoff" and up.fields["failures"] >= 4
 
 
 def test_two_destinations_one_down_other_gets_everything(make_settings) -> None:
     down = free_port()
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port) + dest_toml("dead", down))
+        cfg = make_settings(dest("pacs", scp.port), dest("dead", down))
         uids = series(cfg, "pacs", 20)
         series(cfg, "dead", 20)
         with serving(cfg, "dead"), serving(cfg, "pacs"):
@@ -182,12 +209,12 @@ def test_black_holed_peer_is_an_association_timeout_not_a_hang(make_settings) ->
     with socket.socket() as lsock:
         lsock.bind((LOOPBACK, 0))
         lsock.listen(16)
-        cfg = make_settings(dest_toml("pacs", lsock.getsockname()[1], acse_timeout="500ms"))
+        cfg = make_settings(dest("pacs", lsock.getsockname()[1], acse_timeout="500ms"))
         series(cfg, "pacs", 3)
         with serving(cfg, "pacs"):
             wait_for(lambda: state(cfg, "pacs").get("state") == "backoff", 30)
         assert state(cfg, "pacs")["last_error"]["kind"] == "no association response"
-        assert len(queued(cfg, "pacs")) == 3 and not active(cfg, "pacs")
+        assert len(queued(cfg, "pacs")) == 3 and not claimed(cfg, "pacs")
 
 
 def test_rejected_permanent_is_misconfigured_and_never_dumps_the_queue(make_settings,
@@ -195,10 +222,10 @@ def test_rejected_permanent_is_misconfigured_and_never_dumps_the_queue(make_sett
     caplog.set_level(logging.INFO, logger="hermes_py")
     with ScriptedSCP(script=Script(reject=(1, 1, 7))) as scp:
         # give_up_after is tiny and everything is old: still nothing may go to error/
-        cfg = make_settings(dest_toml("pacs", scp.port, give_up_after="1s", max_delay="300ms"))
+        cfg = make_settings(dest("pacs", scp.port, give_up_after="1s", max_delay="300ms"))
         long_ago = time.time() - 3600
         for _ in range(5):
-            enqueue(cfg, "pacs", make_instance(16, 16), queued_at=long_ago, received=long_ago)
+            queue(cfg, "pacs", make_instance(16, 16), queued_at=long_ago, received=long_ago)
         with serving(cfg, "pacs"):
             wait_for(lambda: state(cfg, "pacs").get("consecutive_failures", 0) >= 3, 60)
         st = state(cfg, "pacs")
@@ -216,7 +243,7 @@ def test_rejected_permanent_is_misconfigured_and_never_dumps_the_queue(make_sett
 def test_rejected_transient_backs_off_then_delivers(make_settings) -> None:
     script = Script(reject=(2, 3, 2))
     with ScriptedSCP(script=script) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         uids = series(cfg, "pacs", 5)
         with serving(cfg, "pacs"):
             wait_for(lambda: state(cfg, "pacs").get("state") == "backoff", 30)
@@ -231,7 +258,7 @@ def test_rejected_transient_backs_off_then_delivers(make_settings) -> None:
 
 def test_abort_mid_batch_reassociates_and_resends_only_unanswered(make_settings) -> None:
     with ScriptedSCP(script=Script(abort_after=3)) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         uids = series(cfg, "pacs", 10)
         with serving(cfg, "pacs"):
             wait_for(lambda: len(delivered(cfg, "pacs")) == 10, 60)
@@ -249,7 +276,7 @@ def test_abort_mid_batch_reassociates_and_resends_only_unanswered(make_settings)
 def test_dimse_timeout_keeps_instances_queued_then_delivers(make_settings) -> None:
     script = Script(delay=1.5)
     with ScriptedSCP(script=script) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port, dimse_timeout="300ms"))
+        cfg = make_settings(dest("pacs", scp.port, dimse_timeout="300ms"))
         uids = series(cfg, "pacs", 3)
         with serving(cfg, "pacs"):
             wait_for(lambda: state(cfg, "pacs").get("state") == "backoff", 30)
@@ -265,7 +292,7 @@ def test_dimse_timeout_keeps_instances_queued_then_delivers(make_settings) -> No
 def test_out_of_resources_twice_then_accepted(make_settings, caplog) -> None:
     caplog.set_level(logging.INFO, logger="hermes_py")
     with ScriptedSCP(script=Script(statuses=[0xA700, 0xA700])) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         uids = series(cfg, "pacs", 5)
         with serving(cfg, "pacs"):
             wait_for(lambda: len(delivered(cfg, "pacs")) == 5, 60)
@@ -283,7 +310,7 @@ def test_out_of_resources_twice_then_accepted(make_settings, caplog) -> None:
 
 def test_out_of_resources_in_a_row_backs_off_the_destination(make_settings) -> None:
     with ScriptedSCP(script=Script(statuses=[0xA700] * 3)) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         uids = series(cfg, "pacs", 6)
         with serving(cfg, "pacs"):
             wait_for(lambda: state(cfg, "pacs").get("consecutive_failures", 0) >= 1, 30)
@@ -298,7 +325,7 @@ def test_partial_failure_is_per_instance(make_settings, caplog) -> None:
     caplog.set_level(logging.INFO, logger="hermes_py")
     statuses = [0, 0, 0xA900, 0, 0, 0xC000, 0, 0xB000, 0]
     with ScriptedSCP(script=Script(statuses=list(statuses))) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         series(cfg, "pacs", 9)
         with serving(cfg, "pacs"):
             wait_for(lambda: len(delivered(cfg, "pacs")) + len(errored(cfg, "pacs")) == 9, 60)
@@ -318,7 +345,7 @@ def test_partial_failure_is_per_instance(make_settings, caplog) -> None:
 
 def test_status_classes_override_per_destination(make_settings) -> None:
     with ScriptedSCP(script=Script(statuses=[0xC001, 0xC001])) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port, status_classes={"0xC001": "transient"}))
+        cfg = make_settings(dest("pacs", scp.port, status_classes={"0xC001": "transient"}))
         series(cfg, "pacs", 2)
         with serving(cfg, "pacs"):
             wait_for(lambda: len(delivered(cfg, "pacs")) == 2, 60)
@@ -327,10 +354,59 @@ def test_status_classes_override_per_destination(make_settings) -> None:
                                                           .success_dir("pacs")))
 
 
-def test_gives_up_after_while_unreachable_but_keeps_recent_ones(make_settings) -> None:
-    cfg = make_settings(dest_toml("pacs", free_port(), give_up_after="30s"))
+@pytest.mark.parametrize("status", sorted(RETRY_CAPS), ids=lambda c: f"0x{c:04X}")
+def test_capped_transient_status_is_retried_then_fails_for_good(make_settings, events,
+                                                                status: int) -> None:
+    """0x0110 (Processing Failure) and 0x0210 (Duplicate Invocation) are worth a few more
+    tries (outcomes.RETRY_CAPS): retried while under the cap, then error/<dest>/ with the
+    reason and every attempt in the history. The SCP stored none of them."""
+    cap = RETRY_CAPS[status]
+    code = f"0x{status:04X}"
+    with ScriptedSCP(script=Script(default_status=status)) as scp:
+        cfg = make_settings(dest("pacs", scp.port, initial_delay="50ms", max_delay="100ms"))
+        (uid,) = series(cfg, "pacs", 1)
+        with serving(cfg, "pacs"):
+            wait_for(lambda: errored(cfg, "pacs"), 30, what="the instance in error/pacs/")
+        assert scp.answers == [status] * cap and scp.count() == 0
+    (sc,) = sidecars(Spool(cfg.spool.path).error_dir("pacs"))
+    assert sc["sop_instance_uid"] == uid and sc["attempts"] == cap
+    assert sc["error"]["reason"].startswith(code)
+    assert sc["error"]["reason"].endswith(f"(still failing after {cap} attempts)")
+    assert [(h["outcome"], h["status"]) for h in sc["history"]] == \
+        [("transient", code)] * (cap - 1) + [("permanent", code)]
+    assert not queued(cfg, "pacs") and not delivered(cfg, "pacs")
+    mine = [o for o in events if o.sop == uid]
+    assert [o.event for o in mine] == [Event.RETRIED] * (cap - 1) + [Event.FAILED]
+    assert all(o.destination == "pacs" and o.fields["status"] == code for o in mine)
+    assert mine[-1].fields["reason"] == sc["error"]["reason"]
+
+
+def test_destination_state_edges_are_events(make_settings, events) -> None:
+    """Down once (not on every failed probe), recovered once; misconfigured is its own."""
+    cfg = make_settings(dest("pacs", free_port()))
+    st = DestinationState(Spool(cfg.spool.path), cfg.destination("pacs"), random.Random(1))
+    t = time.time()
+    st.failure(LinkFailure(LinkKind.REFUSED, "[Errno 111]"), t, queued=7)
+    st.failure(LinkFailure(LinkKind.REFUSED, "[Errno 111]"), t + 1, queued=7)
+    st.success(t + 3, started_at=t + 0.5)   # opened before the last failure: proves nothing
+    st.success(t + 4, started_at=t + 2)
+    st.failure(classify_reject(1, 1, 7), t + 5, queued=2)
+    st.failure(classify_reject(1, 1, 7), t + 6, queued=2)
+    assert [(o.event, o.destination) for o in events] == [
+        (Event.DESTINATION_DOWN, "pacs"), (Event.DESTINATION_RECOVERED, "pacs"),
+        (Event.DESTINATION_MISCONFIGURED, "pacs")]
+    down, up, misconf = events
+    assert down.fields["kind"] == "connection refused" and down.fields["queued"] == 7
+    assert up.fields == {"was": "backoff", "failures": 2}
+    assert misconf.fields["kind"] == "association rejected (permanent)"
+    assert state(cfg, "pacs")["state"] == "misconfigured"
+
+
+def test_gives_up_after_while_unreachable_but_keeps_recent_ones(make_settings,
+                                                               events) -> None:
+    cfg = make_settings(dest("pacs", free_port(), give_up_after="30s"))
     long_ago = time.time() - 3600
-    old = [enqueue(cfg, "pacs", make_instance(16, 16), queued_at=long_ago, received=long_ago)
+    old = [queue(cfg, "pacs", make_instance(16, 16), queued_at=long_ago, received=long_ago)
            for _ in range(3)]
     series(cfg, "pacs", 2)
     with serving(cfg, "pacs"):
@@ -340,13 +416,21 @@ def test_gives_up_after_while_unreachable_but_keeps_recent_ones(make_settings) -
     for sc in sidecars(Spool(cfg.spool.path).error_dir("pacs")):
         assert "gave up after 30s" in sc["error"]["reason"]
         assert "connection refused" in sc["error"]["reason"]
+    # an expiry is "gave_up", never "failed" (the destination did not refuse them)
+    gave_up = events.of(Event.GAVE_UP)
+    assert sorted(o.sop for o in gave_up) == sorted(sc["sop_instance_uid"] for sc in
+                                                   sidecars(Spool(cfg.spool.path)
+                                                            .error_dir("pacs")))
+    assert {o.destination for o in gave_up} == {"pacs"}
+    assert all("gave up after 30s" in o.fields["reason"] for o in gave_up)
+    assert not events.of(Event.FAILED)
 
 
-def test_transient_failure_past_give_up_after_goes_to_error(make_settings) -> None:
+def test_transient_failure_past_give_up_after_goes_to_error(make_settings, events) -> None:
     with ScriptedSCP(script=Script(statuses=[0xA701])) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port, give_up_after="60s"))
+        cfg = make_settings(dest("pacs", scp.port, give_up_after="60s"))
         long_ago = time.time() - 3600
-        enqueue(cfg, "pacs", make_instance(16, 16), queued_at=long_ago, received=long_ago)
+        queue(cfg, "pacs", make_instance(16, 16), queued_at=long_ago, received=long_ago)
         d = Dispatcher(cfg, "pacs")
         try:
             assert d.run_once() == 1
@@ -355,6 +439,11 @@ def test_transient_failure_past_give_up_after_goes_to_error(make_settings) -> No
         (sc,) = sidecars(Spool(cfg.spool.path).error_dir("pacs"))
         assert "gave up after 1m" in sc["error"]["reason"] and "0xA701" in sc["error"]["reason"]
         assert sc["history"][-1]["status"] == "0xA701"
+        (o,) = events.of(Event.GAVE_UP)
+        assert (o.sop, o.destination, o.fields["status"]) == \
+            (sc["sop_instance_uid"], "pacs", "0xA701")
+        assert o.fields["reason"] == sc["error"]["reason"]
+        assert not events.of(Event.FAILED) and not events.of(Event.RETRIED)
 
 
 # ---------------------------------------------------------------- transfer syntaxes
@@ -364,14 +453,14 @@ def test_transient_failure_past_give_up_after_goes_to_error(make_settings) -> No
 def test_compressed_reaches_an_uncompressed_only_destination(make_settings,
                                                              accept: list[str]) -> None:
     with ScriptedSCP(script=Script(transfer_syntaxes=accept)) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         sources = {}
         for kind in ("jpeg_baseline", "jpeg2000", "rle", "jpeg_ls"):
             ds = compressed_instance(kind)
-            enqueue(cfg, "pacs", ds)
+            queue(cfg, "pacs", ds)
             sources[str(ds.SOPInstanceUID)] = ds
         explicit = make_instance(16, 16)
-        enqueue(cfg, "pacs", explicit)
+        queue(cfg, "pacs", explicit)
         sources[str(explicit.SOPInstanceUID)] = explicit
         with serving(cfg, "pacs"):
             wait_for(lambda: len(delivered(cfg, "pacs")) == 5, 60)
@@ -391,11 +480,11 @@ def test_compressed_reaches_an_uncompressed_only_destination(make_settings,
 
 def test_storescp_uncompressed_only_gets_everything(make_settings, tmp_path: Path) -> None:
     with Storescp(tmp_path / "received", extra=()) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port, ae="STORESCP"))
+        cfg = make_settings(dest("pacs", scp.port, "STORESCP"))
         uids = series(cfg, "pacs", 5)
         for kind in ("jpeg_baseline", "jpeg2000", "rle"):
             ds = compressed_instance(kind)
-            enqueue(cfg, "pacs", ds)
+            queue(cfg, "pacs", ds)
             uids.append(str(ds.SOPInstanceUID))
         with serving(cfg, "pacs"):
             wait_for(lambda: len(delivered(cfg, "pacs")) == 8, 60)
@@ -405,7 +494,7 @@ def test_storescp_uncompressed_only_gets_everything(make_settings, tmp_path: Pat
 
 def test_unaccepted_sop_class_fails_that_instance_only(make_settings) -> None:
     with ScriptedSCP(script=Script(sop_classes=[CTImageStorage])) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         ct = series(cfg, "pacs", 3)
         series(cfg, "pacs", 2, sop_class=MRImageStorage, modality="MR")
         with serving(cfg, "pacs"):
@@ -422,11 +511,11 @@ def test_unaccepted_sop_class_fails_that_instance_only(make_settings) -> None:
 def test_many_sop_classes_are_split_over_associations(make_settings) -> None:
     classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts][:110]
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port, batch_size=200))
+        cfg = make_settings(dest("pacs", scp.port, batch_size=200))
         uids = []
         for c in classes:
             ds = make_instance(8, 8, sop_class=str(c))
-            enqueue(cfg, "pacs", ds)
+            queue(cfg, "pacs", ds)
             uids.append(str(ds.SOPInstanceUID))
         n_groups = len(plan(classes, lambda c: (str(c), ExplicitVRLittleEndian)))
         d = Dispatcher(cfg, "pacs")
@@ -442,9 +531,9 @@ def test_many_sop_classes_are_split_over_associations(make_settings) -> None:
 
 def test_hold_sends_nothing_and_flush_ignores_every_timer(make_settings) -> None:
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         spool = Spool(cfg.spool.path)
-        a = enqueue(cfg, "pacs", make_instance(16, 16))
+        a = queue(cfg, "pacs", make_instance(16, 16))
         d = Dispatcher(cfg, "pacs")
         try:
             spool.flag("pacs", Flag.HOLD).touch()
@@ -452,7 +541,7 @@ def test_hold_sends_nothing_and_flush_ignores_every_timer(make_settings) -> None
             spool.flag("pacs", Flag.HOLD).unlink()
             assert d.run_once() == 1 and scp.count() == 1
             # not due for an hour, and the destination backed off for an hour
-            b = enqueue(cfg, "pacs", make_instance(16, 16))
+            b = queue(cfg, "pacs", make_instance(16, 16))
             Spool.set_next_attempt(b, time.time() + 3600)
             d.state.backoff_until = time.time() + 3600
             d.state.state = "backoff"
@@ -468,7 +557,7 @@ def test_hold_sends_nothing_and_flush_ignores_every_timer(make_settings) -> None
 def test_parallel_associations_never_stall(make_settings, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="pynetdicom")
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port, max_associations=3, batch_size=20))
+        cfg = make_settings(dest("pacs", scp.port, max_associations=3, batch_size=20))
         uids = series(cfg, "pacs", 120)
         with serving(cfg, "pacs") as d:
             assert len(d.slots) == 3
@@ -483,19 +572,13 @@ def test_parallel_associations_never_stall(make_settings, caplog) -> None:
 
 def test_stop_between_instances_returns_every_claim(make_settings) -> None:
     with ScriptedSCP(script=Script(delay=0.02)) as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port, max_associations=2))
+        cfg = make_settings(dest("pacs", scp.port, max_associations=2))
         series(cfg, "pacs", 100)
         with serving(cfg, "pacs"):
             wait_for(lambda: scp.count() >= 5, 30)
-        assert not active(cfg, "pacs")
+        assert not claimed(cfg, "pacs")
         assert len(delivered(cfg, "pacs")) + len(queued(cfg, "pacs")) == 100
         assert 5 <= len(delivered(cfg, "pacs")) < 100
-
-
-def _temp_files(spool: Spool) -> list[Path]:
-    """Temp files anywhere under tmp/ (owner folders' .lock files are the layout)."""
-    return [p for p in spool.tmp.rglob("*")
-            if p.is_file() and not (p.parent == spool.tmp and p.name.endswith(".lock"))]
 
 
 def test_delivered_instances_are_recorded_in_shared_flushes(make_settings) -> None:
@@ -503,7 +586,7 @@ def test_delivered_instances_are_recorded_in_shared_flushes(make_settings) -> No
     its full sidecar, nothing stays claimed, no temp file is left."""
     n = 2 * SUCCESS_FLUSH_COUNT + 5
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port, batch_size=200))
+        cfg = make_settings(dest("pacs", scp.port, batch_size=200))
         uids = series(cfg, "pacs", n)
         d = Dispatcher(cfg, "pacs")
         try:
@@ -516,16 +599,16 @@ def test_delivered_instances_are_recorded_in_shared_flushes(make_settings) -> No
     assert sorted(sc["sop_instance_uid"] for sc in done) == sorted(uids)
     assert all(sc["delivered_at"] and sc["attempts"] == 1 and sc["next_attempt"] is None
                for sc in done)
-    assert not active(cfg, "pacs") and not queued(cfg, "pacs")
+    assert not claimed(cfg, "pacs") and not queued(cfg, "pacs")
     assert not list((spool.active / "pacs").rglob("*.json"))
-    assert _temp_files(spool) == []
+    assert temp_files(spool) == []
 
 
 def test_delivered_but_unrecordable_goes_back_to_the_outbox(make_settings) -> None:
     """If success/ cannot be written, the sent instances are not lost or stuck: they
     return to the outbox (and are sent again later: at-least-once)."""
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         uids = series(cfg, "pacs", 3)
         spool = Spool(cfg.spool.path)
         d = Dispatcher(cfg, "pacs")
@@ -537,7 +620,7 @@ def test_delivered_but_unrecordable_goes_back_to_the_outbox(make_settings) -> No
             assert scp.count() == 3
             assert sorted(sc["sop_instance_uid"] for sc in sidecars(spool.outbox("pacs"))) \
                 == sorted(uids)
-            assert not active(cfg, "pacs")
+            assert not claimed(cfg, "pacs")
             spool.success_dir("pacs").unlink()
             spool.success_dir("pacs").mkdir()
             assert d.run_once() == 3
@@ -545,15 +628,15 @@ def test_delivered_but_unrecordable_goes_back_to_the_outbox(make_settings) -> No
             d.close()
         assert scp.count() == 6 and scp.uids == set(uids)
     assert len(delivered(cfg, "pacs")) == 3 and not queued(cfg, "pacs")
-    assert _temp_files(spool) == []
+    assert temp_files(spool) == []
 
 
 def test_scu_socket_has_nodelay_and_the_stall_guard(make_settings) -> None:
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
-        dest = DicomDestination(cfg.destinations["pacs"])
+        cfg = make_settings(dest("pacs", scp.port))
+        scu = DicomDestination(cfg.destinations["pacs"])
         groups = plan([(CTImageStorage, ExplicitVRLittleEndian)], lambda x: x)
-        assoc, failure = dest.associate(groups[0][1])
+        assoc, failure = scu.associate(groups[0][1])
         assert assoc is not None and failure is None
         try:
             sock = assoc.dul.socket.socket
@@ -573,10 +656,10 @@ def test_a_response_taken_by_the_reactor_goes_back_to_the_waiting_sender(
     send_c_store waits for; unguarded it logs "Received unexpected C-STORE service
     message", drops it, and the sender waits out its DIMSE timeout."""
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
-        dest = DicomDestination(cfg.destinations["pacs"])
+        cfg = make_settings(dest("pacs", scp.port))
+        scu = DicomDestination(cfg.destinations["pacs"])
         groups = plan([(CTImageStorage, ExplicitVRLittleEndian)], lambda x: x)
-        assoc, _ = dest.associate(groups[0][1])
+        assoc, _ = scu.associate(groups[0][1])
         assert assoc is not None
         try:
             rsp = C_STORE()
@@ -606,17 +689,15 @@ def test_backoff_grows_exponentially_with_jitter_up_to_max_delay() -> None:
 def test_file_without_preamble_is_still_delivered(make_settings) -> None:
     # pynetdicom can only stream a full Part-10 file; anything else is read and encoded.
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         spool = Spool(cfg.spool.path)
         ds = make_instance(16, 16)
         ds.preamble = None
-        tmp = spool.tmp_path(".dcm")
-        dcmwrite(tmp, ds, enforce_file_format=False)
-        assert tmp.read_bytes()[128:132] != b"DICM"
-        spool.publish(tmp, spool.outbox("pacs"), "20261128T000000.000000_1.2.3_0badcafe",
-                      {"destination": "pacs", "priority": "normal", "sop_instance_uid":
-                       str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
-                       "transfer_syntax": ExplicitVRLittleEndian}, fsync_data=False)
+        raw = BytesIO()
+        dcmwrite(raw, ds, enforce_file_format=False)
+        assert raw.getvalue()[128:132] != b"DICM"
+        queue(spool, "pacs", raw.getvalue(), sop=str(ds.SOPInstanceUID),
+              sop_class_uid=str(ds.SOPClassUID), transfer_syntax=ExplicitVRLittleEndian)
         d = Dispatcher(cfg, "pacs")
         try:
             assert d.run_once() == 1
@@ -629,12 +710,9 @@ def test_file_without_preamble_is_still_delivered(make_settings) -> None:
 
 def test_unreadable_file_goes_to_error_with_reason(make_settings) -> None:
     with ScriptedSCP() as scp:
-        cfg = make_settings(dest_toml("pacs", scp.port))
+        cfg = make_settings(dest("pacs", scp.port))
         spool = Spool(cfg.spool.path)
-        tmp = spool.tmp_path(".dcm")
-        tmp.write_bytes(b"not dicom at all")
-        spool.publish(tmp, spool.outbox("pacs"), "20261128T000000.000000_1.2.3_deadbeef",
-                      {"destination": "pacs", "priority": "normal"}, fsync_data=False)
+        queue(spool, "pacs", b"not dicom at all", sop="1.2.3")
         good = series(cfg, "pacs", 1)
         d = Dispatcher(cfg, "pacs")
         try:

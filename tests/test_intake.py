@@ -6,7 +6,6 @@ where a test must show that time alone (not an event) decides.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
@@ -25,8 +24,10 @@ from hermes_py.config import IntakeSettings
 from hermes_py.dicomfile import inspect
 from hermes_py.intake import DropIntake
 from hermes_py.spool import Spool, is_name
-from tests import dicomgen
-from tests.peers import wait_for
+from tests.support import dicomgen
+from tests.support.dicomgen import uid_of
+from tests.support.peers import wait_for
+from tests.support.spool import sidecar
 
 # ---------------------------------------------------------------- helpers
 
@@ -74,16 +75,6 @@ def errors(spool: Spool) -> list[Path]:
 
 def files_in_drop(spool: Spool) -> list[Path]:
     return sorted(p for p in spool.drop.rglob("*") if not p.is_dir())
-
-
-def sidecar(dcm: Path) -> dict[str, Any]:
-    with open(dcm.with_suffix(".json")) as f:
-        data: dict[str, Any] = json.load(f)
-    return data
-
-
-def uid_of(path: Path) -> str:
-    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def ct(tmp_path: Path, name: str = "ct.dcm", **kw: Any) -> Path:

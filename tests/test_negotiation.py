@@ -22,7 +22,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from hermes_py.destinations import negotiation
 from hermes_py.destinations.negotiation import MAX_CONTEXTS, Mode, Unsendable, choose, plan, prepare
-from tests.dicomgen import compressed_instance, make_instance, save
+from tests.support.dicomgen import compressed_instance, make_instance, save
 
 
 def key(it: tuple[str, str]) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from hermes_py.outcomes import (
 
 @pytest.mark.parametrize("code", [0x0000, 0xB000, 0xB006, 0xB007])
 def test_success_and_warnings_are_delivered(code: int) -> None:
-    assert classify_status(code) is Outcome.DELIVERED
+    assert classify_status(code) is Outcome.SUCCESS
 
 
 @pytest.mark.parametrize("code", [0xA700, 0xA701, 0xA7FF, 0x0213, 0x0110])
@@ -45,7 +45,7 @@ def test_per_destination_override_wins() -> None:
 
 def test_warning_is_kept_as_text() -> None:
     r = from_status(0xB007, error_comment="tag coerced", delivered_as="1.2.840.10008.1.2.1")
-    assert r.outcome is Outcome.DELIVERED
+    assert r.outcome is Outcome.SUCCESS
     assert r.delivered_as == "1.2.840.10008.1.2.1"
     assert r.warnings and r.warnings[0].startswith("0xB007 ") and "tag coerced" in r.warnings[0]
     assert from_status(0x0000).warnings == []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import socket
@@ -34,8 +33,13 @@ from hermes_py import receiver as receiver_mod
 from hermes_py.config import Settings
 from hermes_py.receiver import Receiver
 from hermes_py.spool import Spool, is_name
-from tests import dicomgen, peers
-from tests.peers import LOOPBACK, wait_for
+from tests.support import dicomgen, peers
+from tests.support.cli import hermes_cmd
+from tests.support.config import receiver
+from tests.support.dicomgen import uid_of
+from tests.support.peers import LOOPBACK, wait_for
+from tests.support.spool import sidecar
+from tests.support.spool import temp_files as tmp_files
 
 pytestmark = pytest.mark.network
 
@@ -43,19 +47,19 @@ pytestmark = pytest.mark.network
 # ---------------------------------------------------------------- helpers
 
 
-def _config_body(port: int, receiver: str = "", spool: str = "") -> str:
-    spool = spool or 'path = "spool"\nmin_free_mb = 0\n'
-    return (f'[spool]\n{spool}\n[receiver]\nae_title = "HERMES"\nbind = "{LOOPBACK}"\n'
-            f"port = {port}\n{receiver}\n")
+def _settings(make_settings: Any, port: int, spool: dict[str, object] | None = None,
+              **keys: object) -> Settings:
+    """A rules.toml with just a [receiver] on ``port`` (``keys`` added) and a spool."""
+    return make_settings(receiver=receiver(port, **keys),
+                         spool=spool or {"path": "spool", "min_free_mb": 0})
 
 
 @pytest.fixture
 def make_receiver(make_settings: Any) -> Iterator[Any]:
     started: list[Receiver] = []
 
-    def make(receiver: str = "", spool: str = "") -> Receiver:
-        cfg = make_settings(_config_body(peers.free_port(), receiver, spool))
-        r = Receiver(cfg).start()
+    def make(spool: dict[str, object] | None = None, **keys: object) -> Receiver:
+        r = Receiver(_settings(make_settings, peers.free_port(), spool, **keys)).start()
         started.append(r)
         return r
 
@@ -66,23 +70,6 @@ def make_receiver(make_settings: Any) -> Iterator[Any]:
 
 def incoming(r: Receiver) -> list[Path]:
     return sorted(r.spool.incoming.glob("*.dcm"))
-
-
-def tmp_files(spool: Spool) -> list[str]:
-    """Temp files in spool/tmp, the receiver's own tmp/<owner>/ included; the owner
-    folders and their .lock files are the layout, not leftovers."""
-    out = []
-    for root, _dirs, files in os.walk(spool.tmp):
-        top = Path(root) == spool.tmp
-        out += [os.path.relpath(os.path.join(root, f), spool.tmp) for f in files
-                if not (top and f.endswith(".lock"))]
-    return sorted(out)
-
-
-def sidecar(dcm: Path) -> dict[str, Any]:
-    with open(dcm.with_suffix(".json")) as f:
-        data: dict[str, Any] = json.load(f)
-    return data
 
 
 @contextlib.contextmanager
@@ -126,10 +113,6 @@ def send(port: int, files: list[Path], calling: str = "PYSCU",
         finally:
             assoc.release()
     return out
-
-
-def uid_of(path: Path) -> str:
-    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 # ---------------------------------------------------------------- receiving
@@ -286,7 +269,7 @@ def test_hostile_uid_stays_inside_the_spool(make_receiver: Any, tmp_path: Path,
 
 def test_disallowed_calling_ae_is_rejected(make_receiver: Any, tmp_path: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
-    r = make_receiver('allowed_calling_aets = ["CT1", "MR2"]')
+    r = make_receiver(allowed_calling_aets=["CT1", "MR2"])
     f = dicomgen.save(dicomgen.make_instance(), tmp_path / "a.dcm")
     ae = scu_ae([f], calling="INTRUDER")
     assoc = ae.associate(LOOPBACK, r.port, ae_title="HERMES")
@@ -301,7 +284,7 @@ def test_disallowed_calling_ae_is_rejected(make_receiver: Any, tmp_path: Path,
 
 
 def test_max_associations(make_receiver: Any) -> None:
-    r = make_receiver("max_associations = 1")
+    r = make_receiver(max_associations=1)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
     first = ae.associate(LOOPBACK, r.port, ae_title="HERMES")
@@ -351,7 +334,7 @@ def test_busy_associations_poll_fast_idle_ones_relax(make_receiver: Any, tmp_pat
 
 def test_port_probes_do_not_use_up_associations(make_receiver: Any) -> None:
     """A bare TCP connect (health check) must not hold a slot for acse_timeout (60 s here)."""
-    r = make_receiver("max_associations = 1\nacse_timeout = 60")
+    r = make_receiver(max_associations=1, acse_timeout=60)
     for _ in range(3):
         with socket.create_connection((LOOPBACK, r.port)):
             pass
@@ -372,7 +355,7 @@ def test_port_probes_do_not_use_up_associations(make_receiver: Any) -> None:
 
 def test_min_free_mb_above_free_space_refuses(make_receiver: Any, tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    r = make_receiver(spool='path = "spool"\nmin_free_mb = 100000000\n')
+    r = make_receiver(spool={"path": "spool", "min_free_mb": 100000000})
     files = dicomgen.mixed_set(tmp_path / "src")[:3]
     assert send(r.port, files) == [0xA700] * 3
     assert incoming(r) == [] and list(r.spool.incoming.iterdir()) == []
@@ -381,28 +364,10 @@ def test_min_free_mb_above_free_space_refuses(make_receiver: Any, tmp_path: Path
     assert len(refused) == 3 and "min_free_mb" in refused[0] and "0xA700" in refused[0]
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB filesystem, so ENOSPC comes from the kernel, not from us."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    try:
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot mount a small tmpfs here: {e}")
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): "
-                    f"{res.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
-
-
-def test_disk_full_for_real_refuses_and_leaves_nothing(make_receiver: Any, tmp_path: Path,
-                                                       small_fs: Path) -> None:
-    r = make_receiver(spool=f'path = "{small_fs}"\nmin_free_mb = 0\n')
+def test_disk_full_for_real_refuses_and_leaves_nothing(small_fs: Any, make_receiver: Any,
+                                                       tmp_path: Path) -> None:
+    # (small_fs first: it is unmounted after the receiver using it has stopped)
+    r = make_receiver(spool={"path": str(small_fs(2)), "min_free_mb": 0})
     big = dicomgen.save(dicomgen.make_instance(1024, 1536), tmp_path / "big.dcm")  # 3 MiB
     small = dicomgen.save(dicomgen.make_instance(), tmp_path / "small.dcm")
     assert send(r.port, [big, small, big]) == [0xA700, 0x0000, 0xA700]
@@ -547,9 +512,8 @@ def test_connection_dropped_mid_instance_leaves_nothing(make_receiver: Any, tmp_
 
 
 def test_stale_temp_files_are_swept_at_start(make_settings: Any) -> None:
-    cfg: Settings = make_settings(_config_body(peers.free_port(),
-                                               spool='path = "spool"\nmin_free_mb = 0\n'
-                                                     'tmp_max_age = "1h"\n'))
+    cfg = _settings(make_settings, peers.free_port(),
+                    spool={"path": "spool", "min_free_mb": 0, "tmp_max_age": "1h"})
     spool = Spool(cfg.spool.path)
     stale = spool.tmp / "12345.recv.deadbeef.dcm"
     fresh = spool.tmp / "12345.recv.cafebabe.dcm"
@@ -588,11 +552,7 @@ def test_in_process_receiver_restores_pynetdicom_config(make_receiver: Any) -> N
 
 
 def _start_cli(cfg_path: Path) -> subprocess.Popen[str]:
-    exe = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).resolve().parents[1] / ".venv"))
-    hermes = exe / "bin" / "hermes-py"
-    if not hermes.exists():
-        hermes = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "hermes-py"
-    return subprocess.Popen([str(hermes), "receive", "-c", str(cfg_path)],
+    return subprocess.Popen([*hermes_cmd(), "receive", "-c", str(cfg_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -610,7 +570,7 @@ def _stop_cli(proc: subprocess.Popen[str]) -> tuple[int, str]:
 
 def test_hermes_py_receive_process(make_settings: Any, tmp_path: Path) -> None:
     port = peers.free_port()
-    cfg = make_settings(_config_body(port))
+    cfg = _settings(make_settings, port)
     proc = _start_cli(cfg.path)
     try:
         peers.wait_port(port, 30)
@@ -630,7 +590,7 @@ def test_two_processes_share_the_port(make_settings: Any, tmp_path: Path) -> Non
     them; here two are started by hand, as systemd units would), the kernel spreads the
     associations, and ``received_by`` says which process took each instance."""
     port = peers.free_port()
-    cfg = make_settings(_config_body(port, "processes = 2"))
+    cfg = _settings(make_settings, port, processes=2)
     procs = [_start_cli(cfg.path), _start_cli(cfg.path)]
     inc = cfg.spool.path / "incoming"
     try:
@@ -661,7 +621,7 @@ def test_two_processes_share_the_port(make_settings: Any, tmp_path: Path) -> Non
 def test_sigterm_lets_an_inflight_store_finish(make_settings: Any, tmp_path: Path) -> None:
     """SIGTERM during a transfer: no new associations, that C-STORE completes, exit 0."""
     port = peers.free_port()
-    cfg = make_settings(_config_body(port))
+    cfg = _settings(make_settings, port)
     proc = _start_cli(cfg.path)
     big = dicomgen.save(dicomgen.make_instance(1024, 1024), tmp_path / "big.dcm")
     try:

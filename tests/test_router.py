@@ -2,20 +2,19 @@
 hot reload, standby, and crashes (fault injection and kill -9) that must not lose or
 double an instance.
 
-Incoming instances are made the way the receiver makes them: tests.dicomgen files
-handed over with Spool.publish and a receiver-style sidecar. The router runs in a
-thread (Router.run / stop) or as the installed ``hermes-py route``.
+Incoming instances are made the way the receiver makes them: tests.support.dicomgen
+instances handed over with Spool.publish and the receiver's sidecar
+(tests.support.spool.put). The router runs in a thread (Router.run / stop) or as the
+installed ``hermes-py route``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,38 +25,23 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from hermes_py import fanout, router
+from hermes_py import batches, fanout, router
 from hermes_py.config import Settings, load
 from hermes_py.intake import DropIntake
-from hermes_py.spool import URGENT, Spool, new_name, now_iso
-from tests.dicomgen import dataset_bytes, make_instance, save
-from tests.peers import wait_for
+from hermes_py.spool import URGENT, Spool
+from tests.support.cli import hermes_cmd
+from tests.support.config import Config, Dest
+from tests.support.dicomgen import dataset_bytes, make_instance, save
+from tests.support.peers import wait_for
+from tests.support.spool import put
+from tests.support.spool import sidecar as read_sidecar
 
-HERMES = Path(sys.executable).parent / "hermes-py"
 
-DESTS = """\
-[spool]
-path = "spool"
-min_free_mb = 0
-
-[intake]
-enabled = false
-
-[destinations.a]
-ae_title = "A"
-host = "127.0.0.1"
-port = 1
-
-[destinations.b]
-ae_title = "B"
-host = "127.0.0.1"
-port = 2
-
-[destinations.c]
-ae_title = "C"
-host = "127.0.0.1"
-port = 3
-"""
+def destinations(intake: dict[str, object] | None = None) -> Config:
+    """Three destinations a, b, c (nothing listens: only the router runs here), no
+    drop-folder intake unless asked."""
+    return Config(destinations=[Dest("a", 1, "A"), Dest("b", 2, "B"), Dest("c", 3, "C")],
+                  intake=intake or {"enabled": False})
 
 
 # ---------------------------------------------------------------- helpers
@@ -70,34 +54,26 @@ def wait(cond: Any, what: str, timeout: float = 60.0) -> Any:
 
 
 class Env:
-    """A rules.toml, its spool, and a way to put instances into incoming/."""
+    """A rules.toml (``config`` with ``rules``), its spool, and a way to put instances into
+    incoming/."""
 
-    def __init__(self, root: Path, rules: str, head: str = DESTS):
+    def __init__(self, root: Path, rules: str, config: Config | None = None):
         self.root = root
-        self.path = root / "rules.toml"
-        self.head = head
+        self.config = config or destinations()
         self.write(rules)
+        self.path = root / "rules.toml"
         self.cfg: Settings = load(self.path)
         self.spool = Spool(self.cfg.spool.path)
         self.spool.ensure(list(self.cfg.destinations))
 
     def write(self, rules: str) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(self.head + rules)
-        os.replace(tmp, self.path)  # as an editor saving atomically would
+        """Save rules.toml with these rules, atomically (as an editor saves)."""
+        self.config.rules = rules
+        self.config.write(self.root)
 
-    def publish(self, ds: Dataset, fsync: bool = True, **facts: Any) -> str:
-        name = new_name(ds.SOPInstanceUID)
-        tmp = save(ds, self.spool.tmp_path(".dcm"))
-        sidecar = {"name": name, "sop_instance_uid": ds.SOPInstanceUID,
-                   "sop_class_uid": ds.SOPClassUID,
-                   "transfer_syntax": ds.file_meta.TransferSyntaxUID, "source": "network",
-                   "received_at": now_iso(), "calling_ae": "CT1", "called_ae": "HERMES",
-                   "peer_address": "127.0.0.1", "peer_port": 40000,
-                   "size": tmp.stat().st_size}
-        sidecar.update(facts)
-        self.spool.publish(tmp, self.spool.incoming, name, sidecar, fsync_data=fsync)
-        return name
+    def publish(self, ds: Dataset, **facts: Any) -> str:
+        """``ds`` into incoming/ as the receiver leaves it; its spool name."""
+        return put(self.spool, self.spool.incoming, ds, **facts).stem
 
     def names(self, folder: Path) -> set[str]:
         return {e.name[:-4] for e in self.spool.scan(folder)}
@@ -106,8 +82,7 @@ class Env:
         return not any(os.scandir(self.spool.incoming))
 
     def sidecar(self, folder: Path, name: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((folder / f"{name}.json").read_text())
-        return data
+        return read_sidecar(folder / f"{name}.dcm")
 
 
 @contextlib.contextmanager
@@ -132,7 +107,7 @@ def start_route(env: Env, log: Path, extra_env: dict[str, str] | None = None
     e = dict(os.environ)
     e.update(extra_env or {})
     with open(log, "ab") as f:
-        return subprocess.Popen([str(HERMES), "route", "-c", str(env.path)], stdout=f,
+        return subprocess.Popen([*hermes_cmd(), "route", "-c", str(env.path)], stdout=f,
                                 stderr=subprocess.STDOUT, env=e)
 
 
@@ -249,12 +224,7 @@ def test_unreadable_goes_to_error_and_never_blocks(tmp_path: Path) -> None:
     whole = save(make_instance(64, 64), tmp_path / "whole.dcm").read_bytes()
     bad = []
     for data in (whole[:-500], b"garbage" * 100):
-        tmp = sp.tmp_path(".dcm")
-        tmp.write_bytes(data)
-        name = new_name("1.2.3.999")
-        sp.publish(tmp, sp.incoming, name, {"name": name, "source": "network",
-                                            "calling_ae": "X"})
-        bad.append(name)
+        bad.append(put(sp, sp.incoming, data, sop="1.2.3.999", calling_ae="X").stem)
     good = [env.publish(make_instance(16, 16)) for _ in range(3)]
     with running(env.cfg):
         wait(env.incoming_empty, what="incoming/ to drain")
@@ -313,11 +283,15 @@ def test_series_hold_release_and_late_instance(tmp_path: Path) -> None:
 
 
 def test_outbox_that_cannot_be_linked_into_loses_nothing_and_is_retried(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """b's outbox is broken (a file where the folder should be): instances routed at once
     to a are unaffected, b's released batch stays in pending/ (nothing lost, nothing
-    half-done), and once the outbox is back the release is finished."""
+    half-done), however often the release is tried, and once the outbox is back the
+    release is finished."""
     monkeypatch.setattr(router, "RESCAN_INTERVAL", 0.5)
+    monkeypatch.setattr(batches, "RETRY_AFTER", 0.2)  # the failed release is retried soon
+    caplog.set_level(logging.WARNING, logger="hermes_py")
     env = Env(tmp_path, SERIES_RULES.replace("{quiet}", "300ms"))
     sp = env.spool
     series = generate_uid()
@@ -333,7 +307,11 @@ def test_outbox_that_cannot_be_linked_into_loses_nothing_and_is_retried(
         def releasing() -> list[Path]:
             return [p for p in sp.pending.iterdir() if fanout.RELEASING in p.name]
         wait(lambda: len(releasing()) == 1, what="the batch to be released (and fail)")
-        time.sleep(1.0)  # several retries
+
+        def failed_tries() -> int:  # each try says it could not write into b's outbox
+            return sum(1 for m in caplog.messages
+                       if "cannot write outbox sidecars" in m and "/outgoing/b/" in m)
+        wait(lambda: failed_tries() >= 3, what="three failed tries of the release")
         assert env.names(releasing()[0]) == names
         sp.outbox("b").unlink()
         sp.outbox("b").mkdir()
@@ -420,7 +398,8 @@ def test_route_process_sighup_standby_sigterm(tmp_path: Path,
     # SIGHUP reloads. The edit keeps inode, size and mtime, so the stat check cannot
     # see it: only the signal can make router 1 route to c.
     st = env.path.stat()
-    env.path.write_text(env.head + to_a.replace('to = ["a"]', 'to = ["c"]'))
+    env.config.rules = to_a.replace('to = ["a"]', 'to = ["c"]')
+    env.path.write_text(env.config.render())
     os.utime(env.path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (env.path.stat().st_ino, env.path.stat().st_size) == (st.st_ino, st.st_size)
     p1.send_signal(signal.SIGHUP)
@@ -455,8 +434,8 @@ quiet_for = "300ms"
 
 def _publish_many(env: Env, n: int, series: int = 4) -> set[str]:
     uids = [generate_uid() for _ in range(series)]
-    return {env.publish(make_instance(8, 8, series_uid=uids[i % series], instance_number=i),
-                        fsync=False) for i in range(n)}
+    return {env.publish(make_instance(8, 8, series_uid=uids[i % series], instance_number=i))
+            for i in range(n)}
 
 
 def _settled(env: Env) -> bool:
@@ -534,10 +513,8 @@ def test_kill_9_while_routing(tmp_path: Path, procs: list[subprocess.Popen[bytes
 def test_dropped_file_goes_from_intake_through_the_router(tmp_path: Path) -> None:
     """The intake (its own process under serve; a thread here) publishes into incoming/,
     and the router routes it like a received instance, by the receive fact Source."""
-    head = DESTS.replace("[intake]\nenabled = false",
-                         '[intake]\nenabled = true\nstable_for = "200ms"\nrescan_interval = "1s"')
     env = Env(tmp_path, '[[rules]]\nname = "dropped"\nmatch = { Source = "drop" }\nto = ["a"]\n',
-              head=head)
+              destinations({"enabled": True, "stable_for": "200ms", "rescan_interval": "1s"}))
     ds = make_instance(16, 16)
     intake = DropIntake(env.spool, env.cfg.intake)
     stop = threading.Event()

@@ -23,8 +23,9 @@ from hermes_py import dicomfile, rules
 from hermes_py.admin import rules_verbs
 from hermes_py.config import Settings, load, parse
 from hermes_py.rules import Condition, Rule
-from hermes_py.spool import Spool, new_name
-from tests.dicomgen import make_instance, save
+from hermes_py.spool import Spool
+from tests.support.dicomgen import make_instance, save
+from tests.support.spool import put
 
 HERMES = Path(sys.executable).parent / "hermes-py"
 TOML_PATH = Path("/nonexistent/rules.toml")
@@ -238,21 +239,21 @@ def test_fan_out_each_destination_once(specs: list[dict]) -> None:
         return
     named = {t for r, _ in matched for t in r.to}
     now = {t for r, _ in matched if r.level == "instance" for t in r.to}
-    held = [t for h in d.holds for t in h.destinations]
+    held = [t for h in d.batches for t in h.destinations]
     assert set(d.destinations) == now
     assert len(held) == len(set(held)) and not set(held) & now  # once per destination
     assert set(held) | now == named == set(d.all_destinations)
     assert d.discard == (not named)
     for t in named:
         urgent = any(r.priority == "urgent" and t in r.to for r, _ in matched)
-        prio = d.destinations.get(t) or next(h.destinations[t] for h in d.holds
+        prio = d.destinations.get(t) or next(h.destinations[t] for h in d.batches
                                              if t in h.destinations)
         assert prio == ("urgent" if urgent else "normal")
     # what the router records is what a restart acts on
     back = rules.Decision.from_routing(json.loads(json.dumps(d.to_routing("now"))))
     assert dict(back.destinations) == dict(d.destinations)
-    assert [(h.key, dict(h.destinations), h.quiet_for) for h in back.holds] == [
-        (h.key, dict(h.destinations), h.quiet_for) for h in d.holds]
+    assert [(h.key, dict(h.destinations), h.quiet_for) for h in back.batches] == [
+        (h.key, dict(h.destinations), h.quiet_for) for h in d.batches]
 
 
 # ---------------------------------------------------------------- examples
@@ -286,10 +287,10 @@ quiet_for = "10s"
     d = rules.evaluate(cfg.rules, {"Modality": "CT", "SeriesInstanceUID": "1.2.3",
                                    "StudyInstanceUID": "9.8"})
     assert dict(d.destinations) == {"a": "normal"}
-    assert [(h.rule, h.level, h.uid, dict(h.destinations), h.quiet_for) for h in d.holds] == [
+    assert [(h.rule, h.level, h.uid, dict(h.destinations), h.quiet_for) for h in d.batches] == [
         ("whole series", "series", "1.2.3", {"b": "urgent"}, 120.0),
         ("whole study", "study", "9.8", {"c": "urgent"}, 10.0)]
-    assert d.holds[0].key.startswith("series_1.2.3_whole_series-")
+    assert d.batches[0].key.startswith("series_1.2.3_whole_series-")
     assert d.all_destinations == ["a", "b", "c"]
 
 
@@ -338,7 +339,7 @@ def test_pending_key_is_one_safe_path_component() -> None:
     assert rules.pending_key("a b", "series", "1.2") != rules.pending_key("a_b", "series", "1.2")
     assert rules.pending_key("r", "study", None).startswith("study_unknown_r-")
     # a tampered recorded key cannot escape pending/
-    h = rules.Hold.from_json({"key": "../x", "destinations": ["a"], "quiet_for": 1})
+    h = rules.Batch.from_json({"key": "../x", "destinations": ["a"], "quiet_for": 1})
     assert "/" not in h.key
 
 
@@ -431,12 +432,8 @@ quiet_for = "30s"
     # a file in a spool, with its sidecar: the receive facts come from there
     spool = Spool(tmp_path / "spool")
     spool.ensure()
-    ds = make_instance(16, 16, modality="US")
-    name = new_name(ds.SOPInstanceUID)
-    tmp = save(ds, spool.tmp_path(".dcm"))
-    spooled = spool.publish(tmp, spool.incoming, name, {
-        "name": name, "sop_instance_uid": ds.SOPInstanceUID, "source": "network",
-        "calling_ae": "CT1", "called_ae": "HERMES", "peer_address": "127.0.0.1"})
+    spooled = put(spool, spool.incoming, make_instance(16, 16, modality="US"), calling_ae="CT1")
+    name = spooled.stem
 
     r = subprocess.run([str(HERMES), "rules", "test", "-c", str(path), str(head), str(scout),
                         str(junk), str(spooled)], capture_output=True, text=True, timeout=60)

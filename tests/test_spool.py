@@ -1,4 +1,7 @@
-"""The spool primitives every stage relies on: names, atomic moves, claims, recovery."""
+"""The spool primitives every stage relies on: atomic moves, claims, recovery.
+
+(The properties of the names themselves are in test_properties.py.)
+"""
 
 from __future__ import annotations
 
@@ -11,58 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from hermes_py import spool as sp
 from hermes_py.spool import Lock, Spool, Worker, durable
-from tests.peers import wait_for
+from tests.support.peers import wait_for
+from tests.support.spool import put
 
-
-def _instance(s: Spool, folder: Path, uid: str = "1.2.3", data: bytes = b"x" * 100,
-              **side: object) -> Path:
-    tmp = s.tmp_path(".dcm")
-    tmp.write_bytes(data)
-    name = sp.new_name(uid)
-    return s.publish(tmp, folder, name, {"name": name, "sop_instance_uid": uid, **side})
-
-
-@given(st.text())
-def test_sanitize_is_one_safe_component(value: str) -> None:
-    out = sp.sanitize(value)
-    assert out and "/" not in out and "\0" not in out
-    assert out not in (".", "..") and not out.startswith(".")
-    assert len(out) <= 64
-    assert sp.sanitize(value) == out
-
-
-@given(st.binary(max_size=200))
-def test_names_from_hostile_uids_stay_inside(tmp_path_factory: pytest.TempPathFactory,
-                                             uid: bytes) -> None:
-    name = sp.new_name(uid)
-    assert sp.is_name(name)
-    base = Path("/spool/incoming")
-    assert (base / (name + ".dcm")).resolve().parent == base
-
-
-def test_same_uid_twice_gets_two_names() -> None:
-    assert sp.new_name("1.2.3") != sp.new_name("1.2.3")
-    hostile = sp.new_name("../../etc/x")
-    assert "_.._etc_x_" in hostile and "/" not in hostile
-
-
-def test_names_sort_by_receive_time() -> None:
-    a = sp.new_name("9.9", when=1_000_000.0)
-    b = sp.new_name("1.1", when=1_000_001.5)
-    assert a < b
-    assert sp.received_at(b) == pytest.approx(1_000_001.5)
+DATA = b"x" * 100  # what an instance holds does not matter to these verbs
 
 
 def test_publish_writes_sidecar_first_and_is_atomic(tmp_path: Path) -> None:
     s = Spool(tmp_path)
     s.ensure(["pacs"])
-    dcm = _instance(s, s.incoming, calling_ae="CT1")
-    assert dcm.read_bytes() == b"x" * 100
+    dcm = put(s, s.incoming, DATA, sop="1.2.3", calling_ae="CT1")
+    assert dcm.read_bytes() == DATA
     assert s.read_sidecar(dcm)["calling_ae"] == "CT1"
     assert list(s.tmp.iterdir()) == []
 
@@ -70,7 +34,7 @@ def test_publish_writes_sidecar_first_and_is_atomic(tmp_path: Path) -> None:
 def test_link_fans_out_one_inode_and_is_idempotent(tmp_path: Path) -> None:
     s = Spool(tmp_path)
     s.ensure(["a", "b"])
-    dcm = _instance(s, s.incoming)
+    dcm = put(s, s.incoming, DATA, sop="1.2.3")
     la = s.link(dcm, s.outbox("a"), {"destination": "a"})
     lb = s.link(dcm, s.outbox("b"), {"destination": "b"})
     s.link(dcm, s.outbox("b"), {"destination": "b"})  # re-run after a crash
@@ -82,7 +46,7 @@ def test_link_fans_out_one_inode_and_is_idempotent(tmp_path: Path) -> None:
 def test_move_with_new_sidecar_and_next_attempt(tmp_path: Path) -> None:
     s = Spool(tmp_path)
     s.ensure(["a"])
-    dcm = _instance(s, s.outbox("a"))
+    dcm = put(s, s.outbox("a"), DATA, sop="1.2.3")
     later = time.time() + 3600
     moved = s.move(dcm, s.success_dir("a"), {"delivered": True}, mtime=later)
     assert not dcm.exists() and not s.sidecar_of(dcm).exists()
@@ -94,7 +58,7 @@ def test_oldest_respects_due_time(tmp_path: Path) -> None:
     s = Spool(tmp_path)
     s.ensure(["a"])
     box = s.outbox("a")
-    paths = [_instance(s, box, uid=f"1.{i}") for i in range(5)]
+    paths = [put(s, box, DATA, sop=f"1.{i}") for i in range(5)]
     future = time.time() + 600
     s.set_next_attempt(paths[0], future)
     now = time.time()
@@ -143,7 +107,7 @@ def test_claims_are_exclusive_and_dead_workers_recovered(tmp_path: Path) -> None
     s = Spool(tmp_path)
     s.ensure(["a"])
     box = s.outbox("a")
-    paths = [_instance(s, box, uid=f"2.{i}", priority="normal") for i in range(3)]
+    paths = [put(s, box, DATA, sop=f"2.{i}", dest="a") for i in range(3)]
     w1, w2 = Worker(s, "a"), Worker(s, "a")
     w1.start()
     w2.start()
@@ -163,7 +127,7 @@ def test_claims_are_exclusive_and_dead_workers_recovered(tmp_path: Path) -> None
 def test_urgent_claims_return_to_urgent_outbox(tmp_path: Path) -> None:
     s = Spool(tmp_path)
     s.ensure(["a"])
-    dcm = _instance(s, s.outbox("a", "urgent"), priority="urgent")
+    dcm = put(s, None, DATA, sop="1.2.3", dest="a", priority="urgent")
     w = Worker(s, "a")
     w.start()
     claimed = w.claim(dcm)

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import config as pydicom_config
-
 from hermes_py import destinations, dicomfile, rules
 from hermes_py.admin import Result
 from hermes_py.config import Settings
@@ -79,9 +77,7 @@ def dry_run(cfg: Settings, paths: Sequence[Path]) -> Tested:
     """What the router would do with each file, and why; exit 1 when some were unreadable."""
     keywords = rules.keywords_for(cfg.rules)
     out = Tested()
-    previous = pydicom_config.settings.reading_validation_mode
-    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-    try:
+    with dicomfile.lenient():
         for path in paths:
             try:
                 values = dicomfile.read_header(path, keywords)
@@ -97,6 +93,4 @@ def dry_run(cfg: Settings, paths: Sequence[Path]) -> Tested:
             decision = rules.evaluate(cfg.rules, {**values, **facts})
             out.lines.append(f"{path}: sop={values.get('SOPInstanceUID')}  ({note})")
             out.lines += rules.explain(decision)
-    finally:
-        pydicom_config.settings.reading_validation_mode = previous
     return out

@@ -1,6 +1,6 @@
 """The spool: folder layout, unique names, and the only code that moves instances.
 
-The folders ARE the state (DESIGN.md), so every state change is a rename, link
+The folders ARE the state (docs/internals.md), so every state change is a rename, link
 or unlink on one filesystem, and every such call on a spool path is in this
 package: the other modules ask :class:`Spool` for a verb (publish, move, link,
 quarantine, remove, ...) instead of calling ``os.rename`` themselves, the way

@@ -144,10 +144,11 @@ def of(data: Mapping[str, Any]) -> Sidecar:
 
 def network(name: str, sop: str, sop_class: str, transfer_syntax: str, *, calling_ae: str,
             called_ae: str, peer_address: str, peer_port: int, size: int,
-            received_by: str) -> Sidecar:
-    """The receiver's sidecar for an acknowledged C-STORE."""
+            received_by: str, received_at: str | None = None) -> Sidecar:
+    """The receiver's sidecar for an acknowledged C-STORE (received now, unless told)."""
     return Sidecar(name=name, sop_instance_uid=sop, sop_class_uid=sop_class,
-                   transfer_syntax=transfer_syntax, source="network", received_at=now_iso(),
+                   transfer_syntax=transfer_syntax, source="network",
+                   received_at=received_at or now_iso(),
                    calling_ae=calling_ae, called_ae=called_ae, peer_address=peer_address,
                    peer_port=peer_port, size=size, received_by=received_by)
 

@@ -1,8 +1,8 @@
 """Fixtures of the end-to-end suite: routers under test and the peers around them.
 
 Everything started here is stopped here, whatever the test did: serve's process group,
-scripted destinations, storescp, Orthanc. When a test fails, the serve log (errors first,
-then the tail) is attached to the report, since it is the first thing anyone will need.
+scripted destinations, storescp. When a test fails, the serve log (errors first, then
+the tail) is attached to the report (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -13,35 +13,19 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import LIVE, Dest, Hermes
-from tests.peers import Script, ScriptedSCP, Storescp
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    rep = outcome.get_result()  # type: ignore[attr-defined]
-    if rep.failed:
-        for h in list(LIVE):
-            rep.sections.append((f"hermes-py serve log: {h.workdir}", h.log_tail()))
-            rep.sections.append((f"spool: {h.spool_dir}", h.spool_listing()))
+from tests.e2e.harness import config
+from tests.support.config import Config, Dest
+from tests.support.peers import Script, ScriptedSCP, Storescp
+from tests.support.serve import Hermes
 
 
 @pytest.fixture
-def hermes(tmp_path: Path) -> Iterator[Callable[..., Hermes]]:
-    """``hermes(dests, **options) -> Hermes`` (not started); always cleaned up."""
-    made: list[Hermes] = []
-
+def hermes(serve: Callable[[Config], Hermes]) -> Callable[..., Hermes]:
+    """``hermes(dests, **options) -> Hermes`` (not started; see harness.config for the
+    options); always cleaned up."""
     def make(dests: list[Dest], **kw: Any) -> Hermes:
-        h = Hermes(tmp_path / f"router{len(made)}", dests, **kw)
-        made.append(h)
-        return h
-
-    try:
-        yield make
-    finally:
-        for h in made:
-            h.cleanup()
+        return serve(config(dests, **kw))
+    return make
 
 
 @pytest.fixture

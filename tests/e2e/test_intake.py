@@ -19,19 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.dicomgen import dataset_bytes
-from tests.e2e.harness import (
-    Dest,
-    Hermes,
-    assert_delivered,
-    make_corpus,
-    route_all,
-    scp_arrivals,
-    sent_index,
-    uid_of,
-    wait_delivered,
-)
-from tests.peers import wait_for
+from tests.e2e.harness import assert_delivered, scp_arrivals, sent_index, wait_delivered
+from tests.support.config import Dest, route_all
+from tests.support.dicomgen import dataset_bytes, make_corpus, uid_of
+from tests.support.peers import wait_for
+from tests.support.serve import Hermes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
@@ -141,7 +133,7 @@ def test_invalid_rules_edit_keeps_old_rules_running(tmp_path: Path, hermes, scp)
     h.start()
 
     # A valid edit takes effect without a restart: probe until one lands in discard/.
-    h.rules = RULES_V2
+    h.config.rules = RULES_V2
     h.write_config()
     h.reload()
     probes = make_corpus(tmp_path / "probes", 30, patient_id="DISCARDME")
@@ -154,7 +146,7 @@ def test_invalid_rules_edit_keeps_old_rules_running(tmp_path: Path, hermes, scp)
 
     # An invalid edit: an unknown destination. Error logged, the old (v2) rules keep working.
     offset = h.log_size()
-    h.write_config(h.render().replace('to = ["pacs"]', 'to = ["nowhere"]'))
+    h.write_config(h.config.render().replace('to = ["pacs"]', 'to = ["nowhere"]'))
     h.reload()
     wait_for(lambda: config_error_logged(h.log_since(offset)), 60, interval=0.3,
              what="an error naming rules.toml in the log after the invalid edit")
@@ -198,15 +190,14 @@ def test_piece_restarted_after_invalid_edit_still_serves(tmp_path: Path, hermes,
     peer = scp(dest)
     h.start()
     offset = h.log_size()
-    h.write_config(h.render().replace('to = ["pacs"]', 'to = ["nowhere"]'))
+    h.write_config(h.config.render().replace('to = ["pacs"]', 'to = ["nowhere"]'))
     h.reload()
     wait_for(lambda: config_error_logged(h.log_since(offset)), 60, interval=0.3,
              what="an error naming rules.toml in the log after the invalid edit")
 
-    routers = h.children("route")
+    routers = h.pids("route")
     assert routers, "no route child found under serve"
-    h._mark(f"kill -9 of the router {routers}")
-    h._kill_pids(routers)
+    h.kill(routers)
     files = make_corpus(tmp_path / "corpus", 10)
     sent = sent_index(files)
     res = h.send(files)

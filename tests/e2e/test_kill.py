@@ -17,24 +17,23 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.harness import (
-    Dest,
     assert_delivered,
     duplicates,
     folder_arrivals,
-    group_members,
-    make_corpus,
     scp_arrivals,
     sent_index,
     wait_delivered,
 )
-from tests.peers import Script, wait_for
+from tests.support.config import Dest
+from tests.support.dicomgen import make_corpus
+from tests.support.peers import Script, wait_for
+from tests.support.serve import group_members
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
@@ -145,14 +144,13 @@ def test_kill9_single_pieces_while_relaying(tmp_path: Path, hermes, scp) -> None
     for verb in ("route", "dispatch", "receive", "dispatch", "route"):
         modality = h.send_async([p for p in files if uid_of[p] not in acked])
         time.sleep(rng.uniform(0.3, 1.5))
-        pids = h.children(verb)
+        pids = h.pids(verb)
         assert pids, f"no {verb} child under serve"
-        h._mark(f"kill -9 of {verb} {pids}")
-        h._kill_pids(pids)
+        h.kill(pids)
         kills += 1
         acked |= modality.result().acked
         # serve restarts it; the receiver must answer again before the next round.
-        wait_for(lambda v=verb, old=set(pids): h.children(v) and not set(h.children(v)) & old,
+        wait_for(lambda v=verb, old=set(pids): h.pids(v) and not set(h.pids(v)) & old,
                  60, what=f"serve to restart {verb}")
         h.wait_ready()
     res = h.send([p for p in files if uid_of[p] not in acked])
@@ -231,12 +229,7 @@ def test_kill9_of_serve_alone_children_follow_and_restart_works(tmp_path: Path, 
     modality = h.send_async(files)
     wait_for(lambda: peer.count() >= 20 or modality.proc.poll() is not None, 120,
              what="the relay to be under way")
-    assert h.proc is not None
-    pgid = h.proc.pid
-    h._mark("kill -9 of serve alone")
-    os.kill(pgid, signal.SIGKILL)
-    h.proc.wait()
-    h.proc = None
+    pgid = h.kill_serve()
     acked = set(modality.result().acked)
     wait_for(lambda: not group_members(pgid), 30,
              what="serve's children to exit after their parent was killed")

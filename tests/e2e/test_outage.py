@@ -10,21 +10,21 @@ Scenario 7: give_up_after expires while a destination is down: error/<dest>/ wit
 
 from __future__ import annotations
 
-import time
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.harness import (
-    Dest,
     assert_delivered,
     folder_arrivals,
-    make_corpus,
     scp_arrivals,
     sent_index,
     wait_delivered,
 )
-from tests.peers import Storescp, wait_for
+from tests.support.config import Dest
+from tests.support.dicomgen import make_corpus
+from tests.support.peers import Storescp, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
@@ -119,7 +119,6 @@ def test_give_up_after_then_retry(tmp_path: Path, hermes, scp) -> None:
     h.stop()
 
 
-
 @pytest.mark.timeout(180)
 def test_hold_then_release(tmp_path: Path, hermes, scp) -> None:
     """``hermes-py hold NAME`` while serve runs: instances keep queueing, nothing is sent;
@@ -134,7 +133,17 @@ def test_hold_then_release(tmp_path: Path, hermes, scp) -> None:
     assert r.returncode == 0, r.stderr
     assert h.send(files).acked == set(sent)
     wait_for(lambda: h.queued("pacs") == len(sent), 60, what="everything queued while held")
-    time.sleep(3)  # several dispatcher polls: a held destination must still get nothing
+    # An admin flushes the held destination: its dispatcher makes all of them due now
+    # (and says so in the log), and still sends none. A second flush answered proves the
+    # dispatcher has had its pass after the first, in which a due instance would go.
+    for _ in range(2):
+        offset = h.log_size()
+        r = h.cli("flush", "pacs")
+        assert r.returncode == 0 and "is held" in r.stdout, r.stdout + r.stderr
+        line = wait_for(lambda off=offset: re.search(
+            r"destination pacs: FLUSH requested: (\d+) queued", h.log_since(off)), 60,
+            what="the held dispatcher to act on the flush")
+        assert int(line.group(1)) == len(sent), line.group(0)
     assert peer.count() == 0, f"{peer.count()} instance(s) sent to a held destination"
     r = h.cli("release", "pacs")
     assert r.returncode == 0, r.stderr

@@ -16,17 +16,22 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import UID
 
-from tests.dicomgen import COMPRESSED_SAMPLES, compressed_instance, mixed_set, save
 from tests.e2e.harness import (
-    Dest,
     assert_delivered,
     folder_arrivals,
-    make_corpus,
     scp_arrivals,
     sent_index,
     wait_delivered,
 )
-from tests.peers import LOOPBACK, Orthanc, Script, wait_for
+from tests.support.config import Dest
+from tests.support.dicomgen import (
+    COMPRESSED_SAMPLES,
+    compressed_instance,
+    make_corpus,
+    mixed_set,
+    save,
+)
+from tests.support.peers import LOOPBACK, Orthanc, Script, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 

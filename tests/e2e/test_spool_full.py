@@ -10,59 +10,36 @@ resumes once space is free.
 from __future__ import annotations
 
 import errno
-import json
 import os
+import re
 import shutil
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from hermes_py.spool import new_name, now_iso
+from hermes_py.spool import DCM, JSON, new_name
+from hermes_py.spool import sidecar as sc
+from hermes_py.spool.durable import dump_json
 from tests.e2e.harness import (
-    Dest,
-    Hermes,
     assert_delivered,
     difference,
-    make_corpus,
     scp_arrivals,
     sent_index,
     wait_delivered,
 )
-from tests.peers import wait_for
+from tests.support.config import Dest
+from tests.support.dicomgen import make_corpus
+from tests.support.peers import LOOPBACK, wait_for
+from tests.support.serve import Hermes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.network]
 
+# A 10 MB tmpfs for the spool (skipped where it cannot be mounted:
+# test_min_free_mb_refuses_then_resumes covers the refusal there).
 FS_MB = 10
 FILLER_MB = 6
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 10 MB tmpfs, unmounted afterwards; skipped (with the reason) where we cannot mount."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs for the spool needs root "
-                    "(test_min_free_mb_refuses_then_resumes covers the refusal)")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_MB}m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); "
-                    "test_min_free_mb_refuses_then_resumes covers the refusal")
-    try:
-        yield mnt
-    finally:
-        for _ in range(50):
-            if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.2)  # a killed child may still hold a file open for a moment
-        else:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def spool_instances(h: Hermes, drop: bool = False) -> dict[Path, Dataset]:
@@ -92,10 +69,11 @@ def uids_in(instances: dict[Path, Dataset]) -> set[str]:
 
 
 @pytest.mark.timeout(300)
-def test_spool_fills_on_a_small_filesystem(tmp_path: Path, small_fs: Path, hermes, scp) -> None:
+def test_spool_fills_on_a_small_filesystem(tmp_path: Path, small_fs, hermes, scp) -> None:
+    fs = small_fs(FS_MB)
     dest = Dest("pacs")
-    h = hermes([dest], spool_dir=small_fs / "spool")
-    filler = small_fs / "filler.bin"
+    h = hermes([dest], spool_dir=fs / "spool")
+    filler = fs / "filler.bin"
     with open(filler, "wb") as f:
         for _ in range(FILLER_MB):
             f.write(b"\xa5" * (1024 * 1024))
@@ -153,7 +131,7 @@ def test_min_free_mb_refuses_then_resumes(tmp_path: Path, hermes, scp) -> None:
     h.stop()
     assert peer.count() == 0
 
-    h.spool_opts["min_free_mb"] = 0
+    h.config.spool["min_free_mb"] = 0
     h.write_config()
     h.start()
     res = h.send(files)
@@ -178,47 +156,55 @@ def fill_up(path: Path) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_router_and_intake_on_a_full_disk(tmp_path: Path, small_fs: Path, hermes, scp) -> None:
+def test_router_and_intake_on_a_full_disk(tmp_path: Path, small_fs, hermes, scp) -> None:
     """The disk fills after instances were received but before they were routed, and
     while files sit in drop/: routing and intake wait for space, never quarantine or drop
     anything because of it, and finish once space is back."""
+    fs = small_fs(FS_MB)
     dest = Dest("pacs")
-    h = hermes([dest], spool_dir=small_fs / "spool")
+    h = hermes([dest], spool_dir=fs / "spool")
     files = make_corpus(tmp_path / "corpus", 10, rows=64, cols=64)
     sent = sent_index(files)
     h.start()
 
     # Staged on the same filesystem while there is room: five instances exactly as the
-    # receiver publishes them (sidecar per docs/internals.md, then the .dcm), five files
-    # a person drops.
-    staging = small_fs / "staging"
+    # receiver publishes them (its sidecar, docs/internals.md, then the .dcm), five files
+    # a person drops. (Renamed in by hand below: no spool verb can write a sidecar on a
+    # full disk, which is the point.)
+    staging = fs / "staging"
     staging.mkdir()
     published = []
     for p, (uid, ds) in zip(files[:5], list(sent.items())[:5], strict=True):
         name = new_name(uid)
-        sidecar = {"name": name, "sop_instance_uid": uid, "sop_class_uid": str(ds.SOPClassUID),
-                   "transfer_syntax": str(ds.file_meta.TransferSyntaxUID), "source": "network",
-                   "received_at": now_iso(), "calling_ae": "MODALITY", "called_ae": "HERMES",
-                   "peer_address": "127.0.0.1", "peer_port": 1, "size": p.stat().st_size}
-        (staging / f"{name}.json").write_text(json.dumps(sidecar))
-        shutil.copyfile(p, staging / f"{name}.dcm")
+        sidecar = sc.network(name, uid, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID),
+                             calling_ae="MODALITY", called_ae="HERMES", peer_address=LOOPBACK,
+                             peer_port=1, size=p.stat().st_size, received_by="e2e:1")
+        (staging / f"{name}{JSON}").write_bytes(dump_json(sidecar))
+        shutil.copyfile(p, staging / f"{name}{DCM}")
         published.append(name)
     for i, p in enumerate(files[5:]):
         shutil.copyfile(p, staging / f"dropped{i}.dcm")
 
-    routers = set(h.children("route"))
+    routers = set(h.pids("route"))
     assert routers, "no route child found under serve"
-    fill_up(small_fs / "filler.bin")
+    offset = h.log_size()
+    fill_up(fs / "filler.bin")
     for name in published:
-        os.rename(staging / f"{name}.json", h.spool.incoming / f"{name}.json")
-        os.rename(staging / f"{name}.dcm", h.spool.incoming / f"{name}.dcm")
+        os.rename(staging / f"{name}{JSON}", h.spool.incoming / f"{name}{JSON}")
+        os.rename(staging / f"{name}{DCM}", h.spool.incoming / f"{name}{DCM}")
     for i in range(5):
         os.rename(staging / f"dropped{i}.dcm", h.spool.drop / f"dropped{i}.dcm")
 
-    # Give router and intake several passes (rescan 1s, stable_for 1s) on the full disk.
-    time.sleep(6)
+    # Until the router has met the full disk twice (it pauses between tries, several
+    # intake rescans of 1s each) and the intake has failed to take every dropped file.
+    def passes() -> bool:
+        log = h.log_since(offset)
+        return (len(re.findall(r"spool \S+ is full", log)) >= 2
+                and all(re.search(rf"cannot move drop/dropped{i}\.dcm into incoming/.*will "
+                                  r"retry", log) for i in range(5)))
+    wait_for(passes, 60, what="two routing passes and five intake attempts on the full disk")
     assert h.running, "serve died on a full disk"
-    assert set(h.children("route")) == routers, (
+    assert set(h.pids("route")) == routers, (
         "the router crashed on a full disk (serve restarted it); it must wait for space")
     assert not h.all_errors(), (
         f"a full disk is no reason for error/: {[p.name for p in h.all_errors()]}")
@@ -228,7 +214,7 @@ def test_router_and_intake_on_a_full_disk(tmp_path: Path, small_fs: Path, hermes
         why = difference(sent[str(ds.SOPInstanceUID)], ds)
         assert why is None, f"{p} damaged on a full disk: {why}"
 
-    (small_fs / "filler.bin").unlink()
+    (fs / "filler.bin").unlink()
     peer = scp(dest)
     wait_delivered(lambda: peer.uids, set(sent), what="everything once space is back", hermes=h)
     assert_delivered(sent, scp_arrivals(peer), where="pacs")

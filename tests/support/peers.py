@@ -2,14 +2,20 @@
 
 - ``ScriptedSCP``: a pynetdicom C-STORE SCP in this process whose answers a test
   scripts (statuses in order, association rejection, abort, slow replies, only
-  some transfer syntaxes or SOP classes). It records every instance it received.
+  some transfer syntaxes or SOP classes). It records every instance it stored.
 - ``Storescp``: DCMTK's storescp as a subprocess writing into a folder.
 - ``Orthanc``: the Debian Orthanc server with its own config on free ports.
-- ``storescu``/``echoscu``: DCMTK's SCU tools as a modality would use them.
+- ``dcmsend``/``storescu``/``echoscu``: DCMTK's SCU tools as a modality would use
+  them; ``Modality`` is dcmsend in the background with its per-instance report.
 
 Every peer binds or talks to 127.0.0.1 only, on ports picked free, and stops
 what it started. DCMTK and Orthanc keep Nagle on unless TCP_NODELAY=1 is in the
 environment; ``peer_env()`` sets it, or each small C-STORE stalls ~90 ms.
+
+No pytest here (the benchmark imports this module without it): a wait that runs
+out raises ``WaitTimeout`` (an AssertionError, so a test reports it as a failure),
+a peer binary that is not installed raises ``ToolMissing``, which the test suite
+turns into a skip, or a failure in CI (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt, register_uid
@@ -35,12 +41,24 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification
 
-from tests.dicomgen import PRIVATE_SOP_CLASS, dataset_bytes
+from tests.support.dicomgen import PRIVATE_SOP_CLASS, dataset_bytes, uid_of
 
 # A scripted destination must store our private test class like any other storage class.
 register_uid(PRIVATE_SOP_CLASS, "HermesTestPrivateStorage", StorageServiceClass)
 
 LOOPBACK = "127.0.0.1"
+
+
+class WaitTimeout(AssertionError):
+    """A condition a test or the benchmark waited for did not come true in time."""
+
+
+class ToolMissing(Exception):
+    """A peer binary (DCMTK, Orthanc) is not installed."""
+
+
+class PeerError(Exception):
+    """A peer did not do what it was started for (dcmsend hung, ...)."""
 
 
 def free_port() -> int:
@@ -51,14 +69,15 @@ def free_port() -> int:
 
 def wait_for(cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
              what: str = "condition") -> Any:
-    """Poll ``cond`` until truthy; fail the test with ``what`` at the deadline."""
+    """Poll ``cond`` until truthy and return its value; WaitTimeout naming ``what`` at
+    the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         v = cond()
         if v:
             return v
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+            raise WaitTimeout(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
 
 
@@ -81,17 +100,16 @@ def in_ci() -> bool:
 
 
 def require_tool(name: str) -> str:
-    """Path of a peer binary; skip where missing, but fail in CI (a missing peer is a bug)."""
+    """Path of a peer binary; ToolMissing where it is not installed (the suite skips the
+    test, or fails it in CI, where a missing peer is a bug of the CI image)."""
     # The system's DCMTK/Orthanc first: an activated venv puts pynetdicom's own
     # storescp/storescu/echoscu (other options) earlier on PATH.
     system = [p for p in (f"/usr/bin/{name}", f"/usr/sbin/{name}") if os.path.exists(p)]
     path = system[0] if system else shutil.which(name)
     if path:
         return path
-    msg = f"{name} not installed (apt-get install {'orthanc' if name == 'Orthanc' else 'dcmtk'})"
-    if in_ci():
-        pytest.fail(msg)
-    pytest.skip(msg)
+    raise ToolMissing(f"{name} not installed "
+                      f"(apt-get install {'orthanc' if name == 'Orthanc' else 'dcmtk'})")
 
 
 # ---------------------------------------------------------------- scripted pynetdicom SCP
@@ -119,12 +137,28 @@ class Script:
     """
 
     statuses: list[int] = field(default_factory=list)
-    default_status: int = 0x0000
+    default_status: int = 0x0000  # what is answered once ``statuses`` is used up
     reject: tuple[int, int, int] | None = None
     abort_after: int | None = None
     delay: float = 0.0
     transfer_syntaxes: Sequence[str] | None = None
     sop_classes: Sequence[str] | None = None
+
+
+# What a Storage SCP answers when it HAS stored the instance (PS3.4 B.2.3): Success and
+# the warnings (0x0001, 0x0107 Attribute List Error, 0x0116 Attribute Value Out of
+# Range, 0xB000-0xBFFF coercion and the like). Everything else is a failure, the
+# 0x01xx/0x02xx ones included (0x0110 Processing Failure, 0x0210 Duplicate
+# Invocation, 0x0213 Resource Limitation ... are below 0xA000 but failures all the
+# same): the instance was not stored, so it is not in ``received``.
+# Written out here rather than taken from hermes_py.outcomes: the peer must not
+# share a bug with the router it judges.
+STORED_STATUSES = frozenset({0x0000, 0x0001, 0x0107, 0x0116})
+
+
+def stored(status: int) -> bool:
+    """Whether an SCP answering ``status`` has the instance."""
+    return status in STORED_STATUSES or 0xB000 <= status <= 0xBFFF
 
 
 def _received_bytes(event: evt.Event) -> bytes:
@@ -144,7 +178,11 @@ def _received_bytes(event: evt.Event) -> bytes:
 
 
 class ScriptedSCP:
-    """A pynetdicom Storage SCP on 127.0.0.1 whose behaviour the test scripts."""
+    """A pynetdicom Storage SCP on 127.0.0.1 whose behaviour the test scripts.
+
+    ``answers`` is every status it answered, in order; ``received`` only the
+    instances it stored (see ``stored``).
+    """
 
     def __init__(self, ae_title: str = "DEST", port: int | None = None,
                  script: Script | None = None):
@@ -208,7 +246,7 @@ class ScriptedSCP:
         if abort:
             event.assoc.abort()
             return 0xA700
-        if status < 0xA000 or status >= 0xB000 and status < 0xC000:
+        if stored(status):
             req = event.request
             with self._lock:
                 self.received.append(Received(
@@ -330,6 +368,97 @@ def echoscu(port: int, called: str = "HERMES", calling: str = "ECHOSCU",
     exe = require_tool("echoscu")
     return subprocess.run([exe, "-aet", calling, "-aec", called, LOOPBACK, str(port)],
                           env=peer_env(), capture_output=True, text=True, timeout=timeout)
+
+
+_SENT_OK = re.compile(r"^0x(0000|b[0-9a-f]{3})$", re.I)
+
+
+@dataclass
+class SendResult:
+    """What dcmsend was answered, per SOP Instance UID (its +crf report)."""
+
+    returncode: int
+    statuses: dict[str, str]  # uid -> "0x0000" / "0xa700" / "<not sent>" ...
+    stdout: str
+    stderr: str
+
+    @property
+    def acked(self) -> set[str]:
+        """Instances the modality was answered Success (or Warning) for: now the router's."""
+        return {u for u, s in self.statuses.items() if _SENT_OK.match(s)}
+
+    def with_status(self, status: int) -> set[str]:
+        want = f"0x{status:04x}"
+        return {u for u, s in self.statuses.items() if s.lower() == want}
+
+    def describe(self) -> str:
+        counts: dict[str, int] = {}
+        for s in self.statuses.values():
+            counts[s] = counts.get(s, 0) + 1
+        return (f"dcmsend rc={self.returncode} statuses={counts} "
+                f"stderr={self.stderr.strip()[-800:]!r}")
+
+
+def parse_dcmsend_report(text: str) -> dict[str, str]:
+    """``SOP Instance : uid`` ... ``DIMSE Status : 0x0000 (Success)`` blocks -> {uid: status}.
+
+    An instance listed twice (it cannot be with one dcmsend run, but be safe) keeps its
+    best answer, so a Success is never hidden by a later line.
+    """
+    out: dict[str, str] = {}
+    uid: str | None = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        value = value.strip()
+        if key == "SOP Instance":
+            uid = value
+        elif key == "DIMSE Status" and uid is not None:
+            status = value.split(" ", 1)[0] if value.startswith("0x") else value
+            if not (uid in out and _SENT_OK.match(out[uid])):
+                out[uid] = status
+            uid = None
+    return out
+
+
+class Modality:
+    """DCMTK dcmsend as a modality, in the background: proposes each file's own syntax.
+
+    Same options as ``dcmsend``, but asynchronous (a scenario kills the router while
+    the modality is sending) and with the per-instance report in a file of its own.
+    """
+
+    def __init__(self, port: int, files: Sequence[Path], report: Path, calling: str = "MODALITY",
+                 called: str = "HERMES"):
+        exe = require_tool("dcmsend")
+        self.files = list(files)
+        self.report = report
+        self.uids = {p: uid_of(p) for p in self.files}
+        args = [exe, "-aet", calling, "-aec", called, "-dn", "-nuc", "+ma", "-nh",
+                "-to", "10", "-ta", "30", "-td", "60", "+crf", str(report),
+                LOOPBACK, str(port)]
+        if self.files:  # what this run sent, beside its report (for whoever debugs it)
+            report.with_suffix(".files").write_text("".join(f"{p}\n" for p in self.files))
+        self.proc = subprocess.Popen(
+            [*args, *[str(f) for f in self.files]], env=peer_env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def result(self, timeout: float = 300.0) -> SendResult:
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise PeerError(f"dcmsend did not finish within {timeout:g}s: {err[-800:]}") \
+                from None
+        try:
+            text = self.report.read_text()
+        except FileNotFoundError:
+            text = ""  # never connected: nothing was answered
+        statuses = parse_dcmsend_report(text)
+        for uid in self.uids.values():
+            statuses.setdefault(uid, "<no answer>")
+        return SendResult(self.proc.returncode, statuses, text, err)
 
 
 # ---------------------------------------------------------------- Orthanc

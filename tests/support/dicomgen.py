@@ -1,12 +1,14 @@
 """Make DICOM test instances: small and CT-like uncompressed, compressed, private.
 
 Used by the tests and by ``make bench`` (corpora are generated, never committed).
+No pytest here: the benchmark imports it.
 Compressed instances come from pydicom's bundled test files (JPEG baseline,
 JPEG 2000, JPEG-LS, RLE) with fresh UIDs, so their pixel data is real codec output.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -122,6 +124,24 @@ def write_series(folder: Path, n: int, rows: int = 64, cols: int = 64,
     return out
 
 
+def make_corpus(folder: Path, n: int, rows: int = 16, cols: int = 16, per_series: int = 100,
+                **kw: object) -> list[Path]:
+    """``n`` small uncompressed instances of one study, each with its own pixels,
+    ``per_series`` to a series, as files ``folder/00000.dcm`` ..."""
+    files = []
+    study = generate_uid()
+    series = generate_uid()
+    base = int.from_bytes(os.urandom(4), "big")
+    for i in range(n):
+        if i and i % per_series == 0:
+            series = generate_uid()
+        ds = make_instance(rows, cols, study_uid=study, series_uid=series,
+                           instance_number=i % per_series + 1, seed=base + i,
+                           **kw)  # type: ignore[arg-type]
+        files.append(save(ds, folder / f"{i:05d}.dcm"))
+    return files
+
+
 def mixed_set(folder: Path) -> list[Path]:
     """Uncompressed CT (explicit and implicit), every compressed kind, a private class."""
     files = [
@@ -147,7 +167,12 @@ def dataset_bytes(path: Path) -> bytes:
     return data[fp.tell():]
 
 
+def uid_of(path: Path) -> str:
+    """The SOP Instance UID of a DICOM file."""
+    return str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+               .SOPInstanceUID)
+
+
 def iter_uids(paths: list[Path]) -> Iterator[str]:
     for p in paths:
-        yield str(dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-                  .SOPInstanceUID)
+        yield uid_of(p)

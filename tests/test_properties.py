@@ -1,9 +1,12 @@
-"""Property-based invariants: name sanitising of hostile wire data, and rule conditions.
+"""Property-based invariants: spool names from hostile wire data, and rule conditions.
 
-Names (invariant 5 of DESIGN.md): whatever a modality puts in a UID or an AE title, the
-sanitised result is exactly one path component inside the spool folder, never empty,
-never '.' or '..', deterministic, and ``new_name`` stays a well-formed spool name that
-sorts by receive time. Checked against a real directory, not just by string inspection.
+Names (``hermes_py.spool.sanitize`` / ``new_name``): the receiver names every instance
+``new_name(<Affected SOP Instance UID>)`` and a hostile or broken sender controls that
+UID completely; AE titles and tags become path components the same way. Whatever the
+value, the sanitised result is exactly one path component inside its folder, never
+empty, never '.' or '..' or hidden, deterministic, and ``new_name`` is a well-formed spool
+name, unique per reception, that carries and sorts by the receive time. Checked against
+a real directory, not just by string inspection.
 
 Conditions (``hermes_py.rules.Condition``): the semantics a rules.toml author relies on -
 an exact pattern is equality, '*' holds for any value, a list is "any of", ignore_case is
@@ -14,6 +17,8 @@ Rules engine (``hermes_py.rules.evaluate``): an instance goes to the union of th
 destinations of every matching rule, once each; a matching discard rule wins; an instance
 no rule routes is discarded with a reason, never lost; the recorded decision reads back as
 the same decision (crash recovery finishes it as recorded).
+
+Pure functions: no process, no network (one real folder for the names).
 """
 
 from __future__ import annotations
@@ -21,9 +26,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,25 +35,24 @@ from hypothesis import strategies as st
 from hermes_py.rules import Condition, Decision, Rule, evaluate, pending_key
 from hermes_py.spool import is_name, new_name, received_at, sanitize
 
-pytestmark = pytest.mark.e2e
-
+# Anything a peer can put on the wire: text, path tricks, NULs, odd Unicode, huge values.
 HOSTILE = st.one_of(
-    st.text(),
-    st.lists(st.sampled_from([*"./\\\0 \t\n~$*?%:", "..", "../", "\u202e", "é", "\udcff",
-                              "1.2", "A"])).map("".join),
+    st.text(max_size=300),
+    st.lists(st.sampled_from([*"./\\\0 \t\n~$*?%:\"<>|", "..", "../", "\u202e", "é",
+                              "\udcff", "1.2", "A", "etc"])).map("".join),
+    st.builds("/".join, st.lists(st.sampled_from(["..", ".", "", "etc"]), max_size=40)),
     st.binary().map(lambda b: b.decode("latin-1")),
     st.sampled_from(["", ".", "..", "../../etc/passwd", "/", "//", "\0", ".hidden", " ",
                      "1.2.840.10008\0", "..\\..\\x", "CON", "a" * 300, "...", ". .", "\n"]),
 )
-HOSTILE_OR_BYTES = st.one_of(HOSTILE, st.binary(max_size=100), st.none())
+HOSTILE_OR_BYTES = st.one_of(HOSTILE, st.binary(max_size=300), st.none())
+EPOCHS = st.floats(min_value=0, max_value=4102444800, allow_nan=False)  # 1970 .. 2100
 
-SPOOL = Path(tempfile.mkdtemp(prefix="hermes-e2e-props-"))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _remove_spool() -> Iterator[None]:
-    yield
-    shutil.rmtree(SPOOL, ignore_errors=True)
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real folder the names must be creatable in (module scope: hypothesis reuses it)."""
+    return tmp_path_factory.mktemp("names")
 
 
 @settings(max_examples=400, deadline=None)
@@ -59,21 +60,23 @@ def _remove_spool() -> Iterator[None]:
 @example("../../etc/x")
 @example(b"\x00\xff..")
 @example(".")
-def test_sanitized_name_is_one_component_inside_the_folder(value: str | bytes | None) -> None:
+@example(None)
+def test_sanitized_name_is_one_component_inside_the_folder(folder: Path,
+                                                           value: str | bytes | None) -> None:
     s = sanitize(value)
-    assert s, "empty name"
+    assert 1 <= len(s) <= 64, s
+    assert re.fullmatch(r"[0-9A-Za-z._]+", s), s
     assert s not in (".", ".."), s
     assert not s.startswith("."), f"hidden or relative: {s!r}"
-    assert "/" not in s and "\0" not in s and os.sep not in s, s
+    assert "/" not in s and "\\" not in s and "\0" not in s and os.sep not in s, s
+    assert os.path.basename(s) == s
     assert s == sanitize(value), "not deterministic"
-    assert len(s.encode()) <= 255
-    assert re.fullmatch(r"[0-9A-Za-z._]+", s), s
-    path = SPOOL / s
-    assert path.parent == SPOOL and path.resolve().parent == SPOOL.resolve()
+    path = folder / s
+    assert path.parent == folder and path.resolve().parent == folder.resolve()
     # Really creatable as one file in that folder (and removable again).
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     os.close(fd)
-    assert s in os.listdir(SPOOL)
+    assert s in os.listdir(folder)
     os.unlink(path)
 
 
@@ -85,9 +88,11 @@ def test_sanitize_respects_limit(value: str | bytes | None, limit: int) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(HOSTILE_OR_BYTES,
-       st.floats(min_value=0, max_value=4102444800, allow_nan=False))  # 1970 .. 2100
-def test_new_name_is_a_valid_unique_spool_name(uid: str | bytes | None, when: float) -> None:
+@given(HOSTILE_OR_BYTES, EPOCHS)
+@example("../../etc/x", 1_764_307_023.5)
+def test_new_name_is_a_valid_unique_spool_name_in_its_folder(folder: Path,
+                                                             uid: str | bytes | None,
+                                                             when: float) -> None:
     a = new_name(uid, when)
     b = new_name(uid, when)
     assert is_name(a) and is_name(b), a
@@ -96,18 +101,22 @@ def test_new_name_is_a_valid_unique_spool_name(uid: str | bytes | None, when: fl
     t = received_at(a)
     assert t is not None and abs(t - when) <= 2e-6, (t, when)
     assert a.split("_")[0] == b.split("_")[0]
+    assert Path(os.path.normpath(folder / (a + ".dcm"))).parent == folder
     # Creatable in a real folder, as <name>.dcm and <name>.json.
     for suffix in (".dcm", ".json"):
-        p = SPOOL / (a + suffix)
+        p = folder / (a + suffix)
         p.write_bytes(b"")
-        assert p.parent == SPOOL
+        assert p.parent == folder and p.name in os.listdir(folder)
         p.unlink()
 
 
+def test_a_hostile_uid_is_flattened_not_dropped() -> None:
+    name = new_name("../../etc/x")
+    assert "_.._etc_x_" in name and "/" not in name
+
+
 @settings(max_examples=200, deadline=None)
-@given(HOSTILE, HOSTILE,
-       st.floats(min_value=0, max_value=4102444800, allow_nan=False),
-       st.floats(min_value=0.001, max_value=10**6, allow_nan=False))
+@given(HOSTILE, HOSTILE, EPOCHS, st.floats(min_value=0.001, max_value=10**6, allow_nan=False))
 def test_new_names_sort_by_receive_time(u1: str, u2: str, t: float, dt: float) -> None:
     assume(int(t * 1e6) + 1 < int((t + dt) * 1e6))
     assert new_name(u1, t) < new_name(u2, t + dt)
@@ -230,14 +239,14 @@ def test_rules_engine_routes_to_the_union_of_matching_rules(rule_list: list[Rule
     assert len(d.all_destinations) == len(set(d.all_destinations)), "once per destination"
     if not matched:
         assert d.discard and d.discarded_by is None, "unmatched goes to discard/, never lost"
-    for h in d.holds:
+    for h in d.batches:
         assert h.key and "/" not in h.key and h.key not in (".", ".."), h.key
         assert not set(h.destinations) & set(d.destinations), "held and sent at once"
     # What the router records before linking is what it finishes after a crash.
     back = Decision.from_routing(d.to_routing("2026-11-28T00:00:00Z"))
     assert dict(back.destinations) == dict(d.destinations)
-    assert [(h.key, dict(h.destinations)) for h in back.holds] == \
-        [(h.key, dict(h.destinations)) for h in d.holds]
+    assert [(h.key, dict(h.destinations)) for h in back.batches] == \
+        [(h.key, dict(h.destinations)) for h in d.batches]
     assert back.discard == d.discard
 
 
@@ -248,5 +257,5 @@ def test_rules_engine_routes_to_the_union_of_matching_rules(rule_list: list[Rule
 def test_pending_key_is_one_path_component(uid: str, level: str, rule_name: str) -> None:
     key = pending_key(rule_name, level, uid)
     assert key and "/" not in key and "\0" not in key and key not in (".", "..")
-    assert (SPOOL / key).parent == SPOOL
+    assert (Path("/spool/pending") / key).parent == Path("/spool/pending")
     assert key == pending_key(rule_name, level, uid)

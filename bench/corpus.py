@@ -37,7 +37,7 @@ class CorpusSpec:
 
     kind: str
     count: int
-    rows: int = 64
+    rows: int = 64        # "big": MiB per instance
     studies: int = 4
     series_per_study: int = 2
 
@@ -65,18 +65,23 @@ class Corpus:
 
 
 def default_specs(quick: bool = False) -> dict[str, CorpusSpec]:
-    """The three corpora of the issue; ``quick`` shrinks them for a smoke run."""
+    """The three corpora of issue 4, and one big instance (issue 11: no process grows
+    with the instance); ``quick`` shrinks them for a smoke run."""
     if quick:
         return {"small": CorpusSpec("small", 60, 64, 2, 1),
                 "ct": CorpusSpec("ct", 16, 512, 1, 1),
-                "compressed": CorpusSpec("compressed", 8)}
+                "compressed": CorpusSpec("compressed", 8),
+                "big": CorpusSpec("big", 1, 128, 1, 1)}
     return {"small": CorpusSpec("small", 1000, 64, 4, 2),
             "ct": CorpusSpec("ct", 500, 512, 2, 1),
-            "compressed": CorpusSpec("compressed", 20)}
+            "compressed": CorpusSpec("compressed", 20),
+            "big": CorpusSpec("big", 1, 512, 1, 1)}
 
 
 def _describe(spec: CorpusSpec, nbytes: int) -> str:
     avg = nbytes / max(spec.count, 1) / 1000
+    if spec.kind == "big":
+        return f"{spec.count} uncompressed image(s) of {spec.rows} MiB"
     if spec.kind == "compressed":
         kinds = ", ".join(dicomgen.COMPRESSED_SAMPLES)
         return f"{spec.count} compressed instances ({kinds}), avg {avg:.1f} kB"
@@ -115,6 +120,12 @@ def generate(spec: CorpusSpec, root: Path = ROOT, name: str | None = None) -> Co
         for i in range(spec.count):
             ds = dicomgen.compressed_instance(kinds[i % len(kinds)])
             files.append(dicomgen.save(ds, folder / f"{i:05d}.dcm"))
+            uids.append(str(ds.SOPInstanceUID))
+    elif spec.kind == "big":
+        for i in range(spec.count):
+            ds = dicomgen.big_image(folder / f"{i:05d}.dcm", spec.rows, instance_number=i + 1,
+                                    patient_id="BENCHBIG", study_description="BENCH BIG")
+            files.append(folder / f"{i:05d}.dcm")
             uids.append(str(ds.SOPInstanceUID))
     elif spec.kind in ("small", "ct"):
         groups = [(generate_uid(), [generate_uid() for _ in range(spec.series_per_study)])

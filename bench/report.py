@@ -151,6 +151,14 @@ def targets(results: list[Result], rss_peak_mb: dict[str, float],
     ratio("relay 0.5 MB vs direct 0.5 MB (MB/s)", 0.5, ("relay", "ct"), ("direct", "ct"),
           "mbps")
     ratio("backlog drain vs steady relay small", 0.9, ("backlog", "backlog"), ("relay", "small"))
+    big, obig = _find(results, "relay", "big"), _find(results, "orthanc-relay", "big")
+    ours = max(big.extra.get("peak_rss_mb") or [0.0]) if big else None
+    theirs = max(obig.extra.get("peak_rss_mb") or [0.0]) if obig else None
+    v = _div(ours, theirs)
+    out.append(Target("relay big: largest hermes_py process RSS vs Orthanc's", "<= 0.25x", v,
+                      "x", None if v is None else v <= 0.25,
+                      f"{ours} MB vs {theirs} MB" if v is not None else
+                      "needs relay big and orthanc-relay big"))
     if rss_peak_mb:
         worst = max(rss_peak_mb, key=lambda k: rss_peak_mb[k])
         v = rss_peak_mb[worst]

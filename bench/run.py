@@ -1,7 +1,8 @@
 """``python -m bench.run`` (what ``make bench`` runs): every scenario, the table, the JSON.
 
 Scenarios are kinds (direct, receive, relay, pynetdicom-receive, orthanc-receive,
-orthanc-relay) times corpora (small, ct, compressed), run in rounds (each scenario
+orthanc-relay) times corpora (small, ct, compressed), plus one 512 MiB instance relayed
+by us and by Orthanc (peak RSS compared), run in rounds (each scenario
 once per round, ``--reps`` rounds, median reported), then the backlog once.
 
 Options: ``--quick`` (tiny corpora, one round, 500-instance backlog: a smoke run),
@@ -36,8 +37,10 @@ if str(REPO) not in sys.path:  # tests.support (peers, dicomgen) is imported fro
     sys.path.insert(0, str(REPO))
 
 KINDS = ("direct", "receive", "relay", "pynetdicom-receive", "orthanc-receive", "orthanc-relay")
-CORPORA = ("small", "ct", "compressed")
-ORDER: list[tuple[str, str]] = [(k, c) for k in KINDS for c in CORPORA] + [("backlog", "backlog")]
+CORPORA = ("small", "ct", "compressed", "big")
+# The big instance is about memory, not rate: relayed by us and by Orthanc only.
+ORDER: list[tuple[str, str]] = [(k, c) for k in KINDS for c in CORPORA if c != "big"] + [
+    ("relay", "big"), ("orthanc-relay", "big"), ("backlog", "backlog")]
 
 
 def log(msg: str) -> None:

@@ -242,7 +242,8 @@ def relay(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
     _check_dcmsend(box["result"], c.count)
     _check_storescp(d, c)
     # when the modality was done: the receive side's share of the relay time
-    return Run(last - t0, {"dcmsend_done_seconds": round(box["end"] - t0, 3)})
+    return Run(last - t0, {"dcmsend_done_seconds": round(box["end"] - t0, 3),
+                           "peak_rss_mb": round(max(rss.peak_mb.values(), default=0.0), 1)})
 
 
 def pynetdicom_receive(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
@@ -308,7 +309,8 @@ def orthanc_relay(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
         raise BenchError(f"dcmsend: {box['error']}")
     _check_dcmsend(box["result"], c.count)
     _check_storescp(d, c)
-    return Run(last - t0, {"dcmsend_done_seconds": round(box["end"] - t0, 3)})
+    return Run(last - t0, {"dcmsend_done_seconds": round(box["end"] - t0, 3),
+                           "peak_rss_mb": round(max(rss.peak_mb.values(), default=0.0), 1)})
 
 
 RUNNERS: dict[str, Callable[[Context, corpus_mod.Corpus, Path], Run]] = {

@@ -23,303 +23,51 @@ import contextlib
 import errno
 import os
 import struct
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 import pydicom
 from pydicom import config as pydicom_config
-from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_file_meta_info
+from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 from pynetdicom.dsutils import create_file_meta
 
+from hermes_py.dicomwalk import (
+    COPY_CHUNK,
+    DEFLATED,
+    DICOMDIR_CLASS,
+    LONG_VRS,
+    PIXEL_DATA,
+    PIXELS,
+    ROWS_COLUMNS,
+    SHORT_VRS,
+    CapturingInflate,
+    Corrupt,
+    EndOfData,
+    FileSource,
+    Incomplete,
+    InflateSource,
+    NotDicom,
+    TooLarge,
+    Truncated,
+    Unacceptable,
+    Walker,
+)
+
 # Deflated Explicit VR Little Endian, and JPIP Referenced Deflate (its data set is deflated too).
-DEFLATED = (DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95")
-DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
-COPY_CHUNK = 1 << 20
-
-
-# ---------------------------------------------------------------- reasons
-
-
-class Unacceptable(Exception):
-    """A file that cannot become an instance; ``reason`` goes into its error/ sidecar."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class NotDicom(Unacceptable):
-    pass
-
-
-class Truncated(Unacceptable):
-    pass
-
-
-class Corrupt(Unacceptable):
-    pass
-
-
-class _EOF(Exception):
-    """The data ended before a read or skip could be satisfied."""
-
-
-def _tag(tag: int) -> str:
-    kw = keyword_for_tag(tag) if tag >> 16 not in (0xFFFE,) else ""
-    return f"({tag >> 16:04X},{tag & 0xFFFF:04X}){' ' + kw if kw else ''}"
-
-
-# ---------------------------------------------------------------- byte sources
-
-
-class _FileSource:
-    """Sequential reads and seeks over an open file, with its size known."""
-
-    def __init__(self, f: BinaryIO, size: int):
-        self.f = f
-        self.size: int = size
-        self.pos: int = f.tell()
-
-    def read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        self.pos += len(data)
-        if len(data) < n:
-            raise _EOF
-        return bytes(data)
-
-    def read_some(self, n: int) -> bytes:
-        data = self.f.read(n)
-        self.pos += len(data)
-        return bytes(data)
-
-    def peek(self, n: int) -> bytes:
-        data = self.f.read(n)
-        self.f.seek(self.pos)
-        return bytes(data)
-
-    def skip(self, n: int) -> None:
-        if self.pos + n > self.size:
-            raise _EOF
-        self.pos += n
-        self.f.seek(self.pos)
-
-    def remaining(self) -> int | None:
-        return self.size - self.pos
-
-    def at_end(self) -> bool:
-        return self.pos >= self.size
-
-
-class _InflateSource:
-    """A deflated data set (raw deflate after the file meta), inflated as it is walked."""
-
-    def __init__(self, raw: _FileSource):
-        self.raw = raw
-        self.d = zlib.decompressobj(-zlib.MAX_WBITS)
-        self.buf = bytearray()
-        self.pos = 0  # offset in the inflated data
-
-    def _fill(self, n: int) -> None:
-        while len(self.buf) < n and not self.d.eof:
-            data = self.d.unconsumed_tail or self.raw.read_some(65536)
-            if not data:
-                return
-            try:
-                self.buf += self.d.decompress(data, COPY_CHUNK)
-            except zlib.error as e:
-                raise Corrupt(f"deflated data set cannot be inflated: {e}") from None
-
-    def read(self, n: int) -> bytes:
-        self._fill(n)
-        if len(self.buf) < n:
-            raise _EOF
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        self.pos += n
-        return out
-
-    def skip(self, n: int) -> None:
-        while n > 0:
-            self._fill(min(n, COPY_CHUNK))
-            take = min(n, len(self.buf))
-            if take == 0:
-                raise _EOF
-            del self.buf[:take]
-            self.pos += take
-            n -= take
-
-    def remaining(self) -> int | None:
-        return None
-
-    def at_end(self) -> bool:
-        self._fill(1)
-        return not self.buf
-
-    @property
-    def complete(self) -> bool:
-        return self.d.eof
-
-
-# ---------------------------------------------------------------- the structure walk
-
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
-UNDEFINED = 0xFFFFFFFF
-ITEM = 0xFFFEE000
-ITEM_END = 0xFFFEE00D
-SEQ_END = 0xFFFEE0DD
-PIXEL_DATA = 0x7FE00010
-MAX_NESTING = 32
-_WANTED = {0x00080016: "sop_class_uid", 0x00080018: "sop_instance_uid"}
-_META_WANTED = {0x00020002: "media_class", 0x00020003: "media_instance",
-                0x00020010: "transfer_syntax"}
-
-
-class _Walker:
-    """Walks a data set's elements from start to end, reading only the UIDs we need."""
-
-    def __init__(self, src: _FileSource | _InflateSource):
-        self.src = src
-        self.values: dict[str, str] = {}
-        self.elements = 0
-        self.encapsulated = False
-        self.open: list[str] = []  # sequences / pixel data not yet closed, for messages
-
-    def header(self, explicit: bool, little: bool) -> tuple[int, bytes | None, int, int]:
-        src = self.src
-        pos = src.pos
-        e = "<" if little else ">"
-        group, elem = struct.unpack(e + "HH", src.read(4))
-        tag = group << 16 | elem
-        if group == 0xFFFE:
-            return tag, None, struct.unpack(e + "L", src.read(4))[0], pos
-        if not explicit:
-            return tag, None, struct.unpack(e + "L", src.read(4))[0], pos
-        vr = src.read(2)
-        if vr in _LONG_VRS:
-            src.read(2)
-            return tag, vr, struct.unpack(e + "L", src.read(4))[0], pos
-        if vr in _SHORT_VRS:
-            return tag, vr, struct.unpack(e + "H", src.read(2))[0], pos
-        raise Corrupt(f"element {_tag(tag)} at byte {pos} has an invalid value representation "
-                      f"{vr!r}: this is not a well-formed DICOM data set")
-
-    def value(self, tag: int, length: int, pos: int, keep: str | None) -> None:
-        remaining = self.src.remaining()
-        if remaining is not None and length > remaining:
-            raise Truncated(
-                f"truncated: element {_tag(tag)} at byte {pos} declares {length} bytes but the "
-                f"file ends after {remaining}; the copy was probably interrupted")
-        if keep and length <= 256:
-            raw = self.src.read(length)
-            self.values[keep] = raw.decode("ascii", "replace").rstrip("\0 ").strip()
-        else:
-            self.open.append(f"element {_tag(tag)} (byte {pos}, {length} bytes)")
-            self.src.skip(length)
-            self.open.pop()
-
-    def dataset(self, explicit: bool, little: bool, depth: int = 0, top: bool = True) -> None:
-        while True:
-            if top and self.src.at_end():
-                return
-            tag, vr, length, pos = self.header(explicit, little)
-            if tag == ITEM_END:
-                if top:
-                    raise Corrupt(f"unexpected item delimiter at byte {pos}")
-                return
-            if tag >> 16 == 0xFFFE:
-                raise Corrupt(f"unexpected {_tag(tag)} at byte {pos} outside a sequence")
-            if top and tag == 0 and self.elements:
-                return  # trailing zero padding after the data set
-            self.elements += 1
-            if length == UNDEFINED:
-                if tag == PIXEL_DATA or vr in (b"OB", b"OW"):
-                    if top:
-                        self.encapsulated = True
-                    self.fragments(tag, pos)
-                elif vr == b"UN":  # PS3.5 6.2.2: content is implicit VR little endian
-                    self.sequence(tag, pos, False, True, depth + 1)
-                elif vr is None or vr == b"SQ":
-                    self.sequence(tag, pos, explicit, little, depth + 1)
-                else:
-                    raise Corrupt(f"element {_tag(tag)} at byte {pos} has undefined length but "
-                                  f"value representation {vr!r}")
-            else:
-                self.value(tag, length, pos, _WANTED.get(tag) if top else None)
-
-    def sequence(self, tag: int, pos: int, explicit: bool, little: bool, depth: int) -> None:
-        if depth > MAX_NESTING:
-            raise Corrupt(f"sequences nested more than {MAX_NESTING} deep at byte {pos}")
-        self.open.append(f"sequence {_tag(tag)} starting at byte {pos}")
-        while True:
-            itag, _, ilen, ipos = self.header(explicit, little)
-            if itag == SEQ_END:
-                break
-            if itag != ITEM:
-                raise Corrupt(f"sequence {_tag(tag)}: expected an item at byte {ipos}, found "
-                              f"{_tag(itag)}")
-            if ilen == UNDEFINED:
-                self.dataset(explicit, little, depth, top=False)
-            else:
-                self.value(itag, ilen, ipos, None)
-        self.open.pop()
-
-    def fragments(self, tag: int, pos: int) -> None:
-        self.open.append(f"encapsulated pixel data {_tag(tag)} starting at byte {pos}")
-        while True:
-            itag, _, ilen, ipos = self.header(True, True)
-            if itag == SEQ_END:
-                break
-            if itag != ITEM or ilen == UNDEFINED:
-                raise Corrupt(f"encapsulated pixel data {_tag(tag)}: expected a fragment at "
-                              f"byte {ipos}, found {_tag(itag)}")
-            self.value(itag, ilen, ipos, None)
-        self.open.pop()
-
-    def meta(self) -> dict[str, str]:
-        """Group 0002 (always explicit VR little endian) up to the first other group."""
-        src = self.src
-        assert isinstance(src, _FileSource)
-        found: dict[str, str] = {}
-        while True:
-            head = src.peek(2)
-            if len(head) < 2 or struct.unpack("<H", head)[0] != 0x0002:
-                return found
-            tag, vr, length, pos = self.header(True, True)
-            if length == UNDEFINED:
-                raise Corrupt(f"file meta element {_tag(tag)} at byte {pos} has undefined length")
-            key = _META_WANTED.get(tag)
-            self.value(tag, length, pos, key)
-            if key:
-                found[key] = self.values.pop(key)
-
-    def eof_reason(self, pos: int) -> str:
-        if self.open:
-            what = self.open[-1]
-            if what.startswith("element"):
-                return (f"truncated: the data ends inside {what}; the copy was probably "
-                        "interrupted")
-            return (f"truncated: {what} never ends (the file ends before its delimiter); the "
-                    "copy was probably interrupted")
-        return f"truncated: the file ends in the middle of an element header at byte {pos}"
-
-
 # ---------------------------------------------------------------- inspection
 
 
@@ -330,16 +78,22 @@ class Inspection:
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax: str
-    part10: bool  # preamble + DICM + file meta: publish as is
     dataset_offset: int  # where the data set bytes start (kept unchanged)
     size: int
+    # Why the published copy gets a new preamble and meta ("" = a Part-10 file whose
+    # meta is true to its data set: published byte for byte).
+    new_meta: str = ""
+
+    @property
+    def part10(self) -> bool:
+        return not self.new_meta
 
 
 def _guess_encoding(head: bytes) -> tuple[bool, bool]:
     """(explicit, little) for a data set with no file meta, from its first element."""
     if len(head) < 8:
-        raise NotDicom("not DICOM: too short to hold a DICOM data set")
-    explicit = head[4:6] in _LONG_VRS or head[4:6] in _SHORT_VRS
+        raise Incomplete("too short to hold a DICOM data set (nothing more was written)")
+    explicit = head[4:6] in LONG_VRS or head[4:6] in SHORT_VRS
     if struct.unpack("<H", head[:2])[0] in (0x0004, 0x0008):
         return explicit, True
     if explicit and struct.unpack(">H", head[:2])[0] in (0x0004, 0x0008):
@@ -357,12 +111,15 @@ def _syntax_of(ts: str) -> tuple[bool, bool, bool]:
     return True, True, ts in DEFLATED
 
 
-def inspect(path: Path | str) -> Inspection:
-    """Check a file is one whole DICOM instance; raise :class:`Unacceptable` with the reason."""
+def inspect(path: Path | str, max_inflated: int | None = None) -> Inspection:
+    """Check a file is one whole DICOM instance; raise :class:`Unacceptable` with the reason.
+
+    :class:`Incomplete` (and :class:`Truncated`) may mean a writer is still at work.
+    """
     with open(path, "rb", buffering=65536) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            raise NotDicom("empty file (0 bytes)")
+            raise Incomplete("empty file (0 bytes)")
         head = f.read(132)
         f.seek(0)
         if len(head) == 132 and head[128:132] == b"DICM":
@@ -373,12 +130,12 @@ def inspect(path: Path | str) -> Inspection:
             preamble = False
         else:
             preamble = False
-        src = _FileSource(f, size)
-        w = _Walker(src)
+        src = FileSource(f, size)
+        w = Walker(src)
         meta: dict[str, str] = {}
         try:
             meta = w.meta()
-        except _EOF:
+        except EndOfData:
             raise Truncated(w.eof_reason(src.pos)) from None
         except Corrupt as e:
             if preamble:
@@ -399,16 +156,17 @@ def inspect(path: Path | str) -> Inspection:
         else:
             ts = meta["transfer_syntax"]
             explicit, little, deflated = _syntax_of(ts)
-        body: _FileSource | _InflateSource = _InflateSource(src) if deflated else src
+        body: FileSource | InflateSource = InflateSource(src, max_inflated) \
+            if deflated else src
         w.src = body
         try:
             w.dataset(explicit, little)
-            if isinstance(body, _InflateSource) and not body.complete:
+            if isinstance(body, InflateSource) and not body.complete:
                 raise Truncated("truncated: the deflated data set ends before the end of its "
                                 "compressed stream; the copy was probably interrupted")
-        except _EOF:
+        except EndOfData:
             reason = w.eof_reason(body.pos)
-            if guessed and not w.values:
+            if guessed and not w.elements:
                 raise NotDicom(f"not DICOM: no 'DICM' preamble, and the content does not read as "
                                f"a data set ({reason})") from None
             raise Truncated(reason) from None
@@ -429,8 +187,25 @@ def inspect(path: Path | str) -> Inspection:
     if guessed and w.encapsulated:
         raise Unacceptable("compressed (encapsulated) pixel data but no file meta information: "
                            "the transfer syntax it is compressed with is unknown")
+    if is_image(sop_class, w.seen) and not w.seen & PIXELS:
+        raise Truncated("truncated: an image whose data set ends before its Pixel Data "
+                        "(7FE0,0010); the copy was probably interrupted")
+    # A meta that names another instance than its data set (pydicom's rtdose.dcm) would
+    # make every C-STORE of it inconsistent: pynetdicom takes the Affected SOP UIDs from
+    # the meta, and the peer answers 0xA900. The data set is the instance: the meta is
+    # rewritten from it, like a missing one.
+    new_meta = ""
+    if not (preamble and meta):
+        new_meta = "no preamble/file meta: added"
+    elif meta.get("media_instance") != sop or meta.get("media_class") != sop_class:
+        new_meta = "its file meta named another SOP instance or class: rewritten"
     return Inspection(sop_instance_uid=sop, sop_class_uid=sop_class, transfer_syntax=ts,
-                      part10=preamble and bool(meta), dataset_offset=offset, size=size)
+                      dataset_offset=offset, size=size, new_meta=new_meta)
+
+
+def is_image(sop_class: str, seen: set[int]) -> bool:
+    """An image SOP class (its standard name says so), or any object with Rows and Columns."""
+    return "Image Storage" in UID(sop_class).name or seen >= ROWS_COLUMNS
 
 
 def write_part10(src: Path | str, info: Inspection, out: IO[bytes]) -> int:
@@ -454,6 +229,10 @@ def write_part10(src: Path | str, info: Inspection, out: IO[bytes]) -> int:
 
 # ---------------------------------------------------------------- header values
 
+# The header of a deflated instance (everything before its Pixel Data) is read into
+# memory to be parsed; no real header comes near this.
+HEADER_LIMIT = 64 * 1024 * 1024
+
 
 @contextlib.contextmanager
 def lenient() -> Iterator[None]:
@@ -471,7 +250,6 @@ class UnreadableError(Exception):
     """The file cannot be routed (not DICOM, a broken or truncated header): error/ with this."""
 
 
-_PIXEL_DATA = 0x7FE00010
 
 
 def element_text(ds: Dataset, keyword: str) -> str | None:
@@ -505,17 +283,12 @@ def read_header(path: Path | str, keywords: Sequence[str]) -> dict[str, str | No
     """
     try:
         with open(path, "rb") as fp:
-            try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=list(keywords))
-            except InvalidDicomError:
-                raise UnreadableError("not a DICOM Part-10 file (no 'DICM' prefix after the "
-                                      "128-byte preamble)") from None
-            except (OSError, MemoryError):
-                raise
-            except Exception as e:  # pydicom raises many kinds on a broken header
-                raise UnreadableError(
-                    f"cannot parse the DICOM header: {type(e).__name__}: {e}") from None
-            _check_pixel_data_complete(fp, ds)
+            if _meta_transfer_syntax(fp) in DEFLATED:
+                # pydicom inflates a deflated data set whole before reading one element,
+                # stop_before_pixels or not: 4 MB on the wire can be 8 GB inflated.
+                ds = _deflated_header(fp, path)
+            else:
+                ds = _dcmread_header(fp, keywords)
     except OSError as e:
         if e.errno in (errno.EIO, errno.EISDIR, errno.EACCES, errno.EPERM):
             raise UnreadableError(f"cannot read the file: {e.strerror or e}") from None
@@ -534,6 +307,67 @@ def read_header(path: Path | str, keywords: Sequence[str]) -> dict[str, str | No
     return values
 
 
+def _meta_transfer_syntax(fp: BinaryIO) -> str | None:
+    """The transfer syntax in a Part-10 file's meta (None without one), read by our walker."""
+    size = os.fstat(fp.fileno()).st_size
+    head = fp.read(132)
+    fp.seek(0)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    fp.seek(132)
+    try:
+        meta = Walker(FileSource(fp, size)).meta()
+    except (EndOfData, Unacceptable):
+        return None
+    finally:
+        fp.seek(0)
+    return meta.get("transfer_syntax")
+
+
+def _deflated_header(fp: BinaryIO, path: Path | str) -> Dataset:
+    """The elements before the Pixel Data of a deflated instance, inflated only that far."""
+    size = os.fstat(fp.fileno()).st_size
+    meta = read_file_meta_info(path)
+    fp.seek(132)
+    src = FileSource(fp, size)
+    w = Walker(src)
+    w.meta()
+    body = CapturingInflate(src, HEADER_LIMIT)
+    w.src = body
+    w.stop_at = PIXELS
+    try:
+        w.dataset(True, True)
+    except EndOfData:
+        raise UnreadableError(f"cannot parse the DICOM header: {w.eof_reason(body.pos)}") from None
+    except TooLarge:
+        raise UnreadableError(f"the header (everything before the Pixel Data) inflates to "
+                              f"more than {HEADER_LIMIT // (1024 * 1024)} MB") from None
+    except Unacceptable as e:
+        raise UnreadableError(f"cannot parse the DICOM header: {e.reason}") from None
+    end = w.stopped_at if w.stopped_at is not None else len(body.captured)
+    try:
+        ds = read_dataset(BytesIO(bytes(body.captured[:end])), is_implicit_VR=False,
+                          is_little_endian=True)
+    except Exception as e:  # pydicom raises many kinds on a broken header
+        raise UnreadableError(f"cannot parse the DICOM header: {type(e).__name__}: {e}") from None
+    ds.file_meta = meta
+    return ds
+
+
+def _dcmread_header(fp: BinaryIO, keywords: Sequence[str]) -> Dataset:
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=list(keywords))
+    except InvalidDicomError:
+        raise UnreadableError("not a DICOM Part-10 file (no 'DICM' prefix after the "
+                              "128-byte preamble)") from None
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # pydicom raises many kinds on a broken header
+        raise UnreadableError(f"cannot parse the DICOM header: {type(e).__name__}: {e}") from None
+    _check_pixel_data_complete(fp, ds)
+    return ds
+
+
 def _check_pixel_data_complete(fp: BinaryIO, ds: Dataset) -> None:
     """A file cut inside its pixel data still parses (pydicom stops quietly at EOF).
 
@@ -548,7 +382,7 @@ def _check_pixel_data_complete(fp: BinaryIO, ds: Dataset) -> None:
     little = ds.is_little_endian if ds.is_little_endian is not None else True
     e = "<" if little else ">"
     group, elem = struct.unpack(e + "HH", head[:4])
-    if (group << 16 | elem) != _PIXEL_DATA:
+    if (group << 16 | elem) != PIXEL_DATA:
         return
     if ds.is_implicit_VR:
         length, header = struct.unpack(e + "L", head[4:8])[0], 8

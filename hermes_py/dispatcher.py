@@ -42,7 +42,6 @@ import logging
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +49,13 @@ from pathlib import Path
 from hermes_py import destinations, dicomfile
 from hermes_py.config import Settings
 from hermes_py.destination_state import POLL, DestinationState, backoff_delay
-from hermes_py.destinations.base import Destination, Item
+from hermes_py.destinations.base import Destination, Item, Workspace
 from hermes_py.durations import fmt_duration
 from hermes_py.events import emit
 from hermes_py.lifecycle import DestinationStatus, Event
 from hermes_py.outcomes import LinkFailure, Outcome, Result, escalate
-from hermes_py.process import stop_on_signals
+from hermes_py.picker import Picker
+from hermes_py.process import start_thread, stop_on_signals
 from hermes_py.spool import (
     DCM,
     JSON,
@@ -73,60 +73,15 @@ LOG = logging.getLogger(__name__)
 
 RECOVER_EVERY = 30.0     # return dead workers' claims
 EXPIRE_EVERY = 60.0      # give_up_after sweep while the destination is unreachable
-RESCAN_EVERY = 5.0       # candidate list refreshed at least this often
 PROBE_BATCH = 1          # instances tried while a destination is backed off
 SUCCESS_FLUSH_COUNT = 32   # delivered instances whose success/ sidecars share one flush
 SUCCESS_FLUSH_AGE = 0.25   # ... or the oldest of them waited this long (at the next answer)
+# Sends that ended their association (``Result.severed``) after which an instance is a
+# permanent failure, once the destination has been seen accepting other instances.
+SEVERED_LIMIT = 3
 
 
 # ---------------------------------------------------------------- picking work
-
-
-class Picker:
-    """Due instances, urgent first then oldest first, claimed for one worker.
-
-    One scan of an outbox feeds many batches (a candidate list refreshed when
-    used up or older than RESCAN_EVERY), so a large backlog costs one scandir
-    per thousand instances, not one per batch (docs/internals.md, invariant 6). Every
-    candidate is re-checked (one stat) and claimed by rename, so a stale list
-    is harmless: another process may have taken or rescheduled an entry.
-    """
-
-    def __init__(self, spool: Spool, dest: str, size: int):
-        self.spool = spool
-        self.folders = spool.outboxes(dest)
-        self.size = size
-        self.lock = threading.Lock()
-        self._cache: dict[Path, tuple[deque[Path], float]] = {}
-
-    def invalidate(self) -> None:
-        with self.lock:
-            self._cache.clear()
-
-    def pick(self, worker: Worker, n: int, now: float) -> list[Path]:
-        claimed: list[Path] = []
-        with self.lock:
-            for folder in self.folders:
-                rescanned = False
-                while len(claimed) < n:
-                    q, at = self._cache.get(folder, (deque(), 0.0))
-                    if not q or now - at > RESCAN_EVERY:
-                        if rescanned:
-                            break
-                        q = deque(self.spool.oldest(folder, self.size, due_before=now))
-                        self._cache[folder] = (q, now)
-                        rescanned = True
-                        if not q:
-                            break
-                    p = q.popleft()
-                    if self.spool.next_attempt(p) > now:
-                        continue
-                    c = worker.claim(p)
-                    if c is not None:
-                        claimed.append(c)
-                if len(claimed) >= n:
-                    break
-        return claimed
 
 
 # ---------------------------------------------------------------- the dispatcher
@@ -182,11 +137,14 @@ class Dispatcher:
             return
         Worker.recover(self.spool, self.name)
         self._last_recover = time.time()
-        self.spool.use_private_tmp()  # sidecar temps never queue behind other stages' creates
+        # Sidecar temps never queue behind other stages' creates, and converted copies
+        # live where the tmp sweep removes them once this process is dead.
+        workspace = Workspace(scratch=self.spool.use_private_tmp(),
+                              max_inflated=self.cfg.limits.max_inflated)
         for _ in range(self.settings.max_associations):
             w = Worker(self.spool, self.name)
             w.start()
-            self.slots.append(Slot(w, destinations.create(self.settings, label=w.id)))
+            self.slots.append(Slot(w, destinations.create(self.settings, w.id, workspace)))
         self._upkeep_worker = Worker(self.spool, self.name)
         self._upkeep_worker.start()
         self._started = True
@@ -215,11 +173,8 @@ class Dispatcher:
     def serve(self, stop: threading.Event) -> None:
         """Run until ``stop`` is set; workers stop between instances."""
         self.start()
-        threads = [threading.Thread(target=self._worker_loop, args=(slot, stop),
-                                    name=f"dispatch-{self.name}-{i}", daemon=True)
+        threads = [start_thread(self._worker_loop, f"dispatch-{self.name}-{i}", (slot, stop))
                    for i, slot in enumerate(self.slots)]
-        for t in threads:
-            t.start()
         try:
             while not stop.is_set():
                 try:
@@ -249,7 +204,6 @@ class Dispatcher:
         return sum(1 for f in self.spool.outboxes(self.name) for _ in self.spool.scan(f))
 
     def upkeep(self, now: float) -> None:
-        self.state.refresh()
         if self.spool.has_flag(self.name, Flag.FLUSH):
             self._flush(now)
         if now - self._last_recover >= RECOVER_EVERY:
@@ -355,9 +309,9 @@ class Dispatcher:
 
             def report(item: Item, result: Result) -> None:
                 answered.add(item.path)
+                self._record(slot, item, result, others_answered=contacted[0])
                 if result.status is not None or result.outcome is not Outcome.TRANSIENT:
                     contacted[0] = True
-                self._record(slot, item, result)
 
             failure = slot.dest.deliver(items, report,
                                         lambda: should_stop() or self.held())
@@ -385,8 +339,15 @@ class Dispatcher:
             slot.sidecars.clear()
 
     def _items(self, slot: Slot, claimed: list[Path]) -> list[Item]:
-        """Items for the claimed files, urgent first, then grouped by study and series."""
-        rows: list[tuple[int, int, int, int, Item]] = []
+        """Items for the claimed files, urgent first, then grouped by study and series.
+
+        An instance whose send once ended its association goes last and alone:
+        at most one per batch (the others go back untouched, due as they were),
+        so its next abort costs no other instance a resend and, when the ones
+        before it were answered, shows the association worked for them.
+        """
+        rows: list[tuple[int, int, int, int, int, Item]] = []
+        suspect_taken = False
         studies: dict[str, int] = {}
         series: dict[str, int] = {}
         now = time.time()
@@ -408,6 +369,11 @@ class Dispatcher:
                     self._fail(path, data, "the file's meta header lacks the SOP class, SOP "
                                            "instance or transfer syntax UID", None)
                     continue
+            suspect = _severed_attempts(data) > 0
+            if suspect and suspect_taken:
+                self._unclaim(slot, path)
+                continue
+            suspect_taken = suspect_taken or suspect
             if "queued_at" not in data:
                 data["queued_at"] = now_iso(received_at(name) or now)
             slot.sidecars[path] = data
@@ -416,11 +382,11 @@ class Dispatcher:
             s_rank = studies.setdefault(st, len(studies))
             r_rank = series.setdefault(se, len(series))
             prio = 0 if data.get("priority") == "urgent" else 1
-            rows.append((prio, s_rank, r_rank, i, Item(path=path, name=name,
+            rows.append((int(suspect), prio, s_rank, r_rank, i, Item(path=path, name=name,
                                                        sop_instance_uid=sop, sop_class_uid=cls,
                                                        transfer_syntax=ts, study=st, series=se)))
-        rows.sort(key=lambda r: r[:4])
-        return [r[4] for r in rows]
+        rows.sort(key=lambda r: r[:5])
+        return [r[5] for r in rows]
 
     # ------------------------------------------------------------ recording outcomes
 
@@ -435,7 +401,8 @@ class Dispatcher:
         return (f"gave up after {fmt_duration(self.retry.give_up_after)} (give_up_after) "
                 f"queued; {last}")
 
-    def _record(self, slot: Slot, item: Item, result: Result) -> None:
+    def _record(self, slot: Slot, item: Item, result: Result,
+                others_answered: bool = False) -> None:
         now = time.time()
         data = slot.sidecars.get(item.path) or self.spool.read_sidecar(item.path)
         outcome = result.outcome
@@ -447,7 +414,10 @@ class Dispatcher:
         reason = result.reason
         if outcome is not result.outcome:
             reason = f"{reason} (still failing after {same + 1} attempts)"
-        d = self._attempt(data, now, outcome, result, reason, result.detail)
+        if result.severed:
+            outcome, reason = self._severed(data, result, others_answered)
+        d = self._attempt(data, now, outcome, result, reason, result.detail,
+                          scope=sc.Scope.SEVERED if result.severed else None)
         try:
             if outcome is Outcome.SUCCESS:
                 self._delivered(slot, item, sc.delivered(d, now, result.delivered_as,
@@ -460,7 +430,7 @@ class Dispatcher:
                 # Only this instance's own failures grow its delay; tries that met a
                 # destination-level failure are the destination's backoff's business.
                 own = sum(1 for h in d.get("history") or [] if h.get("outcome") == Outcome.TRANSIENT
-                          and h.get("scope") != "destination")
+                          and h.get("scope") != sc.Scope.DESTINATION)
                 delay = backoff_delay(own, self.retry, self.rng)
                 d["next_attempt"] = now_iso(now + delay)
                 self._unclaim(slot, item.path, sidecar=d, mtime=now + delay)
@@ -474,6 +444,26 @@ class Dispatcher:
                       self.name, item.path)
         finally:
             slot.sidecars.pop(item.path, None)
+
+    def _severed(self, data: sc.Sidecar, result: Result,
+                 others_answered: bool) -> tuple[Outcome, str]:
+        """Transient, until the SEVERED_LIMIT-th such send, once the destination is known to
+        take other instances: answered ones before it in this batch, or a delivery recorded
+        after this instance's first severed send. Without that proof (it may be the only
+        instance queued, and the destination aborting everything) it stays transient and
+        give_up_after bounds it."""
+        n = _severed_attempts(data) + 1
+        if n < SEVERED_LIMIT:
+            return Outcome.TRANSIENT, f"{result.reason} ({n} of {SEVERED_LIMIT})"
+        first = next((parse_iso(h.get("at")) for h in data.get("history") or []
+                      if h.get("scope") == sc.Scope.SEVERED), None)
+        last_ok = parse_iso(self.state.last_success)
+        if others_answered or (first is not None and last_ok is not None and last_ok > first):
+            return Outcome.PERMANENT, (
+                f"{result.reason}, {n} times for this instance while the destination "
+                f"accepted others: it cannot take this instance")
+        return Outcome.TRANSIENT, (f"{result.reason} ({n} times; no other instance delivered "
+                                   "since, so the destination may be at fault)")
 
     def _delivered(self, slot: Slot, item: Item, d: sc.Sidecar, result: Result,
                    now: float) -> None:
@@ -522,7 +512,7 @@ class Dispatcher:
         now = time.time()
         data = slot.sidecars.get(item.path) or self.spool.read_sidecar(item.path)
         d = self._attempt(data, now, Outcome.TRANSIENT, None, str(failure.kind), failure.detail,
-                          scope="destination")
+                          scope=sc.Scope.DESTINATION)
         d["next_attempt"] = now_iso(now + delay)
         try:
             if not failure.misconfigured and self._expired(d, now):
@@ -562,6 +552,10 @@ class Dispatcher:
     def _return_leftovers(self, slot: Slot) -> None:
         """Whatever is still in this worker's claim area goes back untouched."""
         slot.worker.return_all()
+
+
+def _severed_attempts(data: sc.Sidecar) -> int:
+    return sum(1 for h in data.get("history") or [] if h.get("scope") == sc.Scope.SEVERED)
 
 
 # ---------------------------------------------------------------- process entry

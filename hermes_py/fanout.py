@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hermes_py import dicomfile, rules
+from hermes_py import dicomfile, log, rules
 from hermes_py.events import emit
 from hermes_py.lifecycle import Event, Stage
 from hermes_py.spool import JSON, SidecarBatch, Spool, disk_full, now_iso
@@ -37,8 +37,10 @@ from hermes_py.spool import sidecar as sc
 
 LOG = logging.getLogger(__name__)
 
-# Fault injection for the crash tests: exit abruptly after this many links (0 = never).
+# Fault injection for the crash tests: exit abruptly after this many links (0 = never),
+# or when reading an instance whose name contains this text (a file that kills a reader).
 CRASH_ENV = "HERMES_PY_ROUTER_CRASH_AFTER_LINKS"
+CRASH_ON_ENV = "HERMES_PY_ROUTER_CRASH_ON"
 # A released batch folder is renamed <key>@releasing-<hex> (see batches.py).
 RELEASING = "@releasing-"
 
@@ -117,7 +119,13 @@ def load_chunk(spool: Spool, paths: list[Path], keywords: Sequence[str]) -> list
     One call per chunk: a thread hand-off per file is costly.
     """
     out = []
+    crash_on = os.environ.get(CRASH_ON_ENV)
     for dcm in paths:
+        if crash_on and crash_on in dcm.name:
+            LOG.critical("%s matches %s: exiting abruptly (fault injection)", dcm.name,
+                         CRASH_ON_ENV)
+            log.flush()
+            os._exit(71)
         item = Loaded(dcm, spool.read_sidecar(dcm))
         item.recorded, item.recorded_error = recorded(item.sidecar)
         if item.recorded is None:
@@ -350,6 +358,7 @@ class Fanout:
         if self._crash_after and self._links >= self._crash_after:
             LOG.critical("%s=%d reached: exiting abruptly (fault injection)", CRASH_ENV,
                          self._crash_after)
+            log.flush()
             os._exit(70)
 
     def commit(self, commit: Commit) -> None:

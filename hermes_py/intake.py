@@ -14,6 +14,8 @@ hands it over with ``Spool.publish`` (or sends it to ``error/`` with
 
 Completeness. Watchdog events are hints only (inotify drops events silently on
 overflow): a periodic full rescan is the source of truth. A file is complete when
+it is structurally whole (``dicomfile.inspect``: every element ends inside the
+file, an image has its Pixel Data) *and*
 
 - watchdog saw it closed after writing (IN_CLOSE_WRITE) or renamed into drop/, and
   its size and mtime have not changed since; or
@@ -22,8 +24,21 @@ overflow): a periodic full rescan is the source of truth. A file is complete whe
   clock, not the file's mtime, measures that, so a file server with a skewed clock
   cannot make a file look old.
 
-Proper Part-10 files are renamed into incoming/, never copied; a data set without
-preamble and file meta gets them written in front, into a new file.
+A file that is not whole yet is a writer that paused, not one that finished (a
+slow share pauses between the header and the pixels): it waits, and only when it
+stayed unchanged for ``incomplete_after`` does it go to error/ as truncated. A
+file renamed into drop/ (``hermes-py send``, the router's from-incoming/, a writer
+that writes ``x.part`` then renames it) is final at once: a rename is how a writer
+says it is done, so a truncated one is rejected without the wait. So is every file
+under drop/send-*/ and drop/from-incoming/, which only the spool fills, by rename
+(inotify misses renames into a folder it is not watching yet).
+
+What the intake publishes is its own copy, never the dropped inode: a writer that
+still holds the file (or a hard link to a file outside the spool) could otherwise
+change the spool's copy after it was checked, or after it was delivered. The copy
+is published only if the dropped file did not change while it was copied; then
+the dropped file is removed. A data set without preamble and file meta gets them
+written in front, in that same copy.
 
 Hidden files and folders (a leading ``.``) are ignored: rsync and SMB clients write
 their temp files that way and rename them when done.
@@ -35,6 +50,7 @@ import contextlib
 import heapq
 import logging
 import os
+import shutil
 import stat
 import threading
 import time
@@ -43,25 +59,41 @@ from pathlib import Path
 from typing import Any
 
 from hermes_py import dicomfile
-from hermes_py.config import IntakeSettings, Settings
-from hermes_py.dicomfile import Unacceptable
+from hermes_py.config import IntakeSettings, Limits, Settings
+from hermes_py.dicomfile import Incomplete, Unacceptable
+from hermes_py.durations import fmt_duration
 from hermes_py.errors import HermesError
 from hermes_py.events import emit
 from hermes_py.lifecycle import Event
+from hermes_py.log import printable as _printable
 from hermes_py.process import stop_on_signals
 from hermes_py.spool import DCM, Spool, new_name
 from hermes_py.spool import sidecar as sc
+from hermes_py.spool.names import deposited
 
 LOG = logging.getLogger(__name__)
 
 EMPTY_DIR_AGE = 600.0  # an emptied sub-folder of drop/ is removed after this long untouched
+COPY_CHUNK = 1 << 20
 MAX_DIR_DEPTH = 64
 IDLE_TICK = 1.0  # longest wait between passes when watchdog says nothing
 
 
-def _printable(s: str) -> str:
-    """A file name as it may appear in a one-line log: control characters escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What says a file is the same file, unchanged: inode, device, size and mtime."""
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+
+def _observer() -> Any:
+    """An inotify observer that reports a file renamed in from outside drop/ (``hermes-py
+    send`` and the router deposit that way) as moved, not created: a rename means its
+    writer is done. Elsewhere watchdog's default, where such files wait for stable_for."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except ImportError:
+        from watchdog.observers import Observer
+        return Observer()
+    return InotifyObserver(generate_full_events=True)
 
 
 def _hidden(rel: str) -> bool:
@@ -77,9 +109,11 @@ class DropIntake:
     ``poll()`` calls: one intake process owns drop/ (it holds ``locks/intake.lock``).
     """
 
-    def __init__(self, spool: Spool, settings: IntakeSettings):
+    def __init__(self, spool: Spool, settings: IntakeSettings,
+                 max_inflated: int = Limits().max_inflated):
         self.spool = spool
         self.settings = settings
+        self.max_inflated = max_inflated
         self.wakeup = threading.Event()
         self.empty_dir_age = EMPTY_DIR_AGE
         self.accepted = 0
@@ -88,9 +122,12 @@ class DropIntake:
         self._lock = threading.Lock()
         self._hints: set[str] = set()
         self._dir_hints: set[str] = set()
-        self._closed: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) at close/rename
-        self._pending: dict[str, tuple[int, int, float]] = {}  # rel -> (size, mtime_ns, since)
-        self._due: list[tuple[float, str]] = []  # heap of (since + stable_for, rel)
+        # rel -> (size, mtime_ns, renamed) at close (False) or rename into drop/ (True)
+        self._closed: dict[str, tuple[int, int, bool]] = {}
+        # rel -> (size, mtime_ns, since, wait, incomplete): unchanged since ``since``; looked
+        # at again ``wait`` later (stable_for, or incomplete_after once found not whole)
+        self._pending: dict[str, tuple[int, int, float, float, bool]] = {}
+        self._due: list[tuple[float, str]] = []  # heap of (since + wait, rel)
         self._last_full: float | None = None
         self._complained: dict[str, tuple[int, int]] = {}
         self._observer: Any = None
@@ -108,7 +145,6 @@ class DropIntake:
             FileSystemEvent,
             FileSystemEventHandler,
         )
-        from watchdog.observers import Observer
 
         intake = self
 
@@ -122,8 +158,8 @@ class DropIntake:
         # creates would flood the log.
         warnings.filterwarnings("ignore", message=r"Callback with id .* already exists",
                                 category=RuntimeWarning, module=r"watchdog\.")
-        observer = Observer()
         try:
+            observer = _observer()
             observer.schedule(_Hints(), self._root, recursive=True, event_filter=[
                 FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent,
                 DirCreatedEvent, DirMovedEvent])
@@ -164,7 +200,7 @@ class DropIntake:
                 self._dir_hints.add(rel)
             else:
                 if sig is not None:
-                    self._closed[rel] = sig
+                    self._closed[rel] = (*sig, kind == "moved")
                 self._hints.add(rel)
         self.wakeup.set()
 
@@ -212,7 +248,7 @@ class DropIntake:
             taken += self._scan_dir(self._root, "", now, 0)
             self._pending = {k: v for k, v in self._pending.items()
                              if os.path.lexists(os.path.join(self._root, k))}
-            self._due = [(v[2] + self.settings.stable_for, k) for k, v in self._pending.items()]
+            self._due = [(v[2] + v[3], k) for k, v in self._pending.items()]
             heapq.heapify(self._due)
             return taken
         for rel in sorted(hints):
@@ -222,10 +258,10 @@ class DropIntake:
         while self._due and self._due[0][0] <= now:
             due, rel = heapq.heappop(self._due)
             p = self._pending.get(rel)
-            if p is not None and p[2] + self.settings.stable_for == due:
+            if p is not None and p[2] + p[3] == due:
                 taken += self._consider(rel, now)
         if len(self._due) > 4 * len(self._pending) + 64:  # drop stale heap entries
-            self._due = [(v[2] + self.settings.stable_for, k) for k, v in self._pending.items()]
+            self._due = [(v[2] + v[3], k) for k, v in self._pending.items()]
             heapq.heapify(self._due)
         return taken
 
@@ -270,19 +306,32 @@ class DropIntake:
             return 0
         sig = (st.st_size, st.st_mtime_ns)
         with self._lock:
-            closed = self._closed.get(rel)
-        if closed != sig:
-            prev = self._pending.get(rel)
-            if prev is None or prev[:2] != sig:
-                self._pending[rel] = (sig[0], sig[1], now)
-                since = now
-                heapq.heappush(self._due, (now + self.settings.stable_for, rel))
-            else:
-                since = prev[2]
-            if now - since < self.settings.stable_for:
-                return 0
+            hint = self._closed.get(rel)
+        closed = hint is not None and hint[:2] == sig
+        renamed = deposited(rel) or (closed and hint is not None and hint[2])
+        prev = self._pending.get(rel)
+        stable_for = self.settings.stable_for
+        if prev is None or prev[:2] != sig:
+            since, wait, incomplete = now, stable_for, False
+            self._pending[rel] = (sig[0], sig[1], since, wait, incomplete)
+            heapq.heappush(self._due, (since + wait, rel))
+        else:
+            since, wait, incomplete = prev[2], prev[3], prev[4]
+        if now - since < wait and not (closed and not incomplete):
+            return 0
+        # Found not whole before and unchanged since for incomplete_after, or renamed here
+        # whole by its writer: what is missing will not come.
+        final = ("renamed into drop/ by its writer" if renamed else
+                 f"unchanged for {fmt_duration(self.settings.incomplete_after)}"
+                 if incomplete else None)
+        taken = self._take(rel, path, st, final=final)
+        if taken is None:  # not whole yet: wait for more, then judge it as it is
+            wait = max(self.settings.incomplete_after, stable_for)
+            self._pending[rel] = (sig[0], sig[1], since, wait, True)
+            heapq.heappush(self._due, (since + wait, rel))
+            return 0
         self._forget(rel)
-        return self._take(rel, path, st)
+        return taken
 
     def _forget(self, rel: str) -> None:
         self._pending.pop(rel, None)
@@ -291,14 +340,25 @@ class DropIntake:
 
     # ------------------------------------------------------------ taking a file
 
-    def _take(self, rel: str, path: str, st: os.stat_result) -> int:
+    def _take(self, rel: str, path: str, st: os.stat_result, final: str | None) -> int | None:
+        """Take one file that stopped changing: 1 when it left drop/ (for incoming/ or
+        error/), 0 when it stays for the next pass, None when it is not whole yet (and
+        not ``final``, which says why no more will come)."""
         original = "drop/" + rel.replace(os.sep, "/")
         base = sc.dropped(original, st.st_size)
         if not stat.S_ISREG(st.st_mode):
             return self._reject(path, original, "not a regular file (a symbolic link, pipe or "
                                                 "device): copy the file itself into drop/", base)
         try:
-            info = dicomfile.inspect(path)
+            info = dicomfile.inspect(path, self.max_inflated)
+        except Incomplete as e:
+            if final is None:
+                self._complain(rel, st, f"{_printable(original)} is not complete yet "
+                                        f"({e.reason}): waiting up to "
+                                        f"{fmt_duration(self.settings.incomplete_after)} "
+                                        "for its writer", level=logging.INFO)
+                return None
+            return self._reject(path, original, f"{e.reason} ({final})", base)
         except Unacceptable as e:
             return self._reject(path, original, e.reason, base)
         except FileNotFoundError:
@@ -313,21 +373,25 @@ class DropIntake:
         sidecar = sc.accepted_drop(base, name, info.sop_instance_uid, info.sop_class_uid,
                                    info.transfer_syntax, st.st_size)
         try:
-            now_st = os.lstat(path)
-            if (now_st.st_size, now_st.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-                return 0  # written to while we checked it: not complete after all
-            if info.part10:
-                self.spool.publish(Path(path), self.spool.incoming, name, sidecar)
-            else:
-                with self.spool.temp_file(DCM) as (tmp, out):
+            with self.spool.temp_file(DCM) as (tmp, out):
+                if info.part10:
+                    with open(path, "rb") as src:
+                        shutil.copyfileobj(src, out, COPY_CHUNK)
+                    sidecar["size"] = out.tell()
+                else:
                     sidecar["size"] = dicomfile.write_part10(path, info, out)
-                try:
-                    self.spool.publish(tmp, self.spool.incoming, name, sidecar,
-                                       fsync_data=False)
-                except BaseException:
+            try:
+                if _signature(os.lstat(path)) != _signature(st):
+                    # Written to while we checked or copied it: not complete after all.
                     self.spool.discard_temp(tmp)
-                    raise
-                self.spool.take_dropped(Path(path))
+                    return 0
+                self.spool.publish(tmp, self.spool.incoming, name, sidecar, fsync_data=False)
+            except BaseException:
+                self.spool.discard_temp(tmp)
+                raise
+            self.spool.take_dropped(Path(path))
+        except FileNotFoundError:
+            return 0  # gone meanwhile (its writer renamed it away)
         except OSError as e:
             self._complain(rel, st, f"cannot move {_printable(original)} into incoming/: {e}; "
                                     "will retry")
@@ -335,7 +399,7 @@ class DropIntake:
         self.accepted += 1
         emit(LOG, Event.RECEIVED, info.sop_instance_uid, name=name, source="drop",
              path=_printable(original), ts=info.transfer_syntax, size=sidecar.get("size"),
-             note=None if info.part10 else "no preamble/file meta: added")
+             note=info.new_meta or None)
         return 1
 
     def _reject(self, path: str, original: str, reason: str, base: sc.Sidecar) -> int:
@@ -354,14 +418,15 @@ class DropIntake:
              path=_printable(original), reason=reason)
         return 1
 
-    def _complain(self, key: str, st: os.stat_result, message: str) -> None:
+    def _complain(self, key: str, st: os.stat_result, message: str,
+                  level: int = logging.WARNING) -> None:
         """Log a problem once per file version, not on every poll."""
         sig = (st.st_size, st.st_mtime_ns)
         if self._complained.get(key) != sig:
             if len(self._complained) > 10000:
                 self._complained.clear()
             self._complained[key] = sig
-            LOG.warning("%s", message)
+            LOG.log(level, "%s", message)
 
 
 def run(cfg: Settings) -> int:
@@ -371,7 +436,7 @@ def run(cfg: Settings) -> int:
                           f"{cfg.path})")
     stop = threading.Event()
     spool = Spool(cfg.spool.path)
-    intake = DropIntake(spool, cfg.intake)
+    intake = DropIntake(spool, cfg.intake, cfg.limits.max_inflated)
     stop_on_signals(stop, also=intake.wakeup.set)
     spool.ensure()
     lock, _ = spool.take_lock("intake", stop)

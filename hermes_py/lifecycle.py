@@ -90,6 +90,7 @@ class DestinationStatus(enum.StrEnum):
     MISCONFIGURED = "misconfigured"
     RETRYING = "retrying"
     HELD = "held"
+    STALLED = "stalled"
     UNKNOWN = "unknown"
     NOT_CONFIGURED = "not configured"
 
@@ -113,6 +114,8 @@ _STATUS_MEANING: dict[DestinationStatus, str] = {
                                      "nothing expires, retried every max_delay",
     DestinationStatus.RETRYING: "the backoff ran out: a probe is due",
     DestinationStatus.HELD: "an admin held it (state/<dest>.hold): queueing, sending nothing",
+    DestinationStatus.STALLED: "its dispatcher stopped reporting (state/<dest>.json not "
+                               "rewritten for 3 heartbeats): stopped, hung or not running",
     DestinationStatus.UNKNOWN: "no dispatcher has reported on it yet",
     DestinationStatus.NOT_CONFIGURED: "folders on disk for a destination rules.toml no "
                                       "longer names",

@@ -28,6 +28,7 @@ from typing import Any
 from hermes_py.config import Settings
 from hermes_py.events import Occurrence
 from hermes_py.lifecycle import DestinationStatus, Event
+from hermes_py.process import start_thread
 from hermes_py.spool import Spool
 
 LOG = logging.getLogger(__name__)
@@ -211,9 +212,7 @@ class MetricsServer:
         self._server = ThreadingHTTPServer((self.cfg.metrics_bind, self.cfg.metrics_port or 0),
                                            Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._server.serve_forever, "metrics")
         LOG.info("metrics: serving Prometheus text on http://%s:%d/metrics",
                  self.cfg.metrics_bind, self.port)
 

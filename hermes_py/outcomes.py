@@ -136,6 +136,11 @@ class Result:
     delivered_as: str | None = None    # transfer syntax actually sent
     warnings: list[str] = field(default_factory=list)
     association: str | None = None     # which association (for the history)
+    # The connection ended while this instance was being sent, on an association the
+    # destination had accepted: possibly this instance's doing (a data set the peer
+    # chokes on), so the dispatcher blames the instance, not the destination, and
+    # sends it alone from then on (see dispatcher._record).
+    severed: bool = False
 
     @property
     def status_hex(self) -> str | None:

@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 # Set by serve in its children's environment: the supervisor's pid.
 SUPERVISED_ENV = "HERMES_PY_SUPERVISOR_PID"
@@ -32,6 +33,45 @@ def stop_on_signals(stop: threading.Event, also: Callable[[], None] | None = Non
             also()
     for sig in signals:
         signal.signal(sig, handler)
+
+
+# Signals a stage handles; Python runs their handlers only in the main thread.
+HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def start_thread(target: Callable[..., Any], name: str, args: tuple[Any, ...] = ()
+                 ) -> threading.Thread:
+    """Start a daemon thread that never takes a signal meant for the process.
+
+    The kernel hands a process-directed signal (kill, PR_SET_PDEATHSIG) to any thread
+    not blocking it. CPython's C handler then only sets a flag, and a main thread
+    blocked in an untimed wait is not woken to run the Python handler: a receiver
+    whose DUL thread took serve's SIGTERM kept running. Threads inherit their
+    creator's mask, so blocking here also covers the threads this one starts
+    (pynetdicom's association and DUL threads under the server thread).
+    """
+    thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return thread
+
+
+def orphaned() -> bool:
+    """A child of serve whose supervisor is gone (reparented: getppid changed)."""
+    parent = os.environ.get(SUPERVISED_ENV)
+    return bool(parent) and str(os.getppid()) != parent
+
+
+def wait_until_stopped(stop: threading.Event, period: float = 1.0) -> None:
+    """Block until ``stop`` is set, waking every ``period`` to run pending signal
+    handlers and to stop a child whose supervisor died without signalling it (a
+    thread started without start_thread may still take the signal)."""
+    while not stop.wait(period):
+        if orphaned():
+            stop.set()
 
 
 def supervised() -> bool:

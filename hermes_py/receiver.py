@@ -30,9 +30,13 @@ Decisions worth knowing:
 - ``[receiver] processes > 1``: serve starts that many ``hermes-py receive``
   children, each binding the port with SO_REUSEPORT (the kernel spreads
   connections); one Python process is bound by the GIL.
-  ``max_associations`` is per process, and counts live peers only: pynetdicom keeps
-  a thread for acse_timeout after a bare TCP connect (a health check) and would
-  count it. The sidecar's ``received_by`` (host:pid) says which process took it.
+  ``max_associations`` is per process, and counts only associations we admitted
+  (EVT_REQUESTED passed): a connection that has not sent its A-ASSOCIATE-RQ (a
+  health check, a scan, a hostile peer) never takes a slot. Those wait in a
+  bounded pool instead (``MAX_UNREQUESTED``, oldest hung up first when it is full;
+  a real modality sends its RQ within milliseconds), each for at most acse_timeout,
+  and a PDU is bounded in time and length (``pynetdicom_compat.guard_reads``).
+  The sidecar's ``received_by`` (host:pid) says which process took it.
 - Refusing is an edge too: the first C-STORE refused for lack of space or a write
   error is a ``receiving_refused`` event, the first one stored again
   ``receiving_resumed`` (each refused instance is its own ``refused`` event).
@@ -46,6 +50,8 @@ import logging
 import os
 import threading
 import time
+import weakref
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +65,7 @@ from hermes_py.errors import HermesError
 from hermes_py.events import emit
 from hermes_py.lifecycle import Event
 from hermes_py.outcomes import hex_status
-from hermes_py.process import stop_on_signals
+from hermes_py.process import start_thread, stop_on_signals, wait_until_stopped
 from hermes_py.spool import DCM, Spool, new_name
 from hermes_py.spool import sidecar as sc
 from hermes_py.spool.tempfiles import SpoolTempFile
@@ -75,7 +81,15 @@ CANNOT_UNDERSTAND = 0xC211  # a bug in our handler; pynetdicom uses the same cod
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_TOO_MANY = (0x02, 0x03, 0x02)
 
-PROBE_ALLOWANCE = 1000  # headroom over max_associations for pynetdicom's own (dead-counting) check
+PROBE_ALLOWANCE = 1000  # headroom over max_associations for pynetdicom's own check (it counts
+# every acceptor thread: the unrequested ones, the ones rejected and still ending)
+# Connections without an A-ASSOCIATE-RQ yet: beyond this many, the oldest of the peer
+# address holding the most is hung up.
+MAX_UNREQUESTED = 100
+# ``max_pdu_size = 0`` advertises "unlimited"; a PDU beyond this is still refused (held
+# whole in memory by pynetdicom, it would be a way to exhaust it).
+UNLIMITED_PDU_CAP = 64 * 1024 * 1024
+EVICT_LOG_INTERVAL = 10.0
 STOP_GRACE = 10.0  # seconds in-flight associations get to finish on SIGTERM
 SWEEP_INTERVAL_MAX = 300.0
 # An association idle this long gets pynetdicom's own 1 ms DUL poll back (a modality
@@ -117,6 +131,10 @@ class Receiver:
         # id(assoc) -> last C-STORE (monotonic), None once relaxed (see LOOP_RELAX_AFTER)
         self._busy_at: dict[int, float | None] = {}
         self._in_handler = 0
+        # Associations EVT_REQUESTED admitted: what max_associations counts (under _lock).
+        self._admitted: weakref.WeakSet[Association] = weakref.WeakSet()
+        self._evicted = 0
+        self._evict_logged = 0.0
         self._receiving = False
         self._refusing = False   # refused for space or a write error since the last store
         self.received = 0
@@ -146,7 +164,7 @@ class Receiver:
         rs = self.settings
         ae = AE(ae_title=rs.ae_title)
         ae.maximum_pdu_size = rs.max_pdu_size
-        # pynetdicom's own limit counts dead probe connections; ours (EVT_REQUESTED) does not.
+        # pynetdicom's own limit counts every acceptor thread; ours (EVT_REQUESTED) does not.
         ae.maximum_associations = rs.max_associations + PROBE_ALLOWANCE
         ae.acse_timeout = rs.acse_timeout
         ae.dimse_timeout = rs.dimse_timeout
@@ -160,8 +178,10 @@ class Receiver:
         # No TCP_NODELAY on accepted sockets: our side only sends one small response
         # PDU per C-STORE, and it made receiving no faster (see the commit that chose this).
         server_class: type[ThreadedAssociationServer] = (
-            pynetdicom_compat.ReusePortServer if self.reuse_port else ThreadedAssociationServer)
+            pynetdicom_compat.ReusePortServer if self.reuse_port
+            else pynetdicom_compat.ReceiverServer)
         handlers: list[evt.EventHandlerType] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -179,12 +199,8 @@ class Receiver:
             raise
         pynetdicom_compat.register_server(ae, server)
         self._server = server
-        self._serve_thread = threading.Thread(target=server.serve_forever,
-                                              name=f"hermes-receiver:{self.port}", daemon=True)
-        self._serve_thread.start()
-        self._sweeper = threading.Thread(target=self._sweep_loop, name="hermes-tmp-sweeper",
-                                         daemon=True)
-        self._sweeper.start()
+        self._serve_thread = start_thread(server.serve_forever, f"hermes-receiver:{self.port}")
+        self._sweeper = start_thread(self._sweep_loop, "hermes-tmp-sweeper")
         LOG.info("receiver %s listening on %s:%d (pid %d, max PDU %d, max associations %d%s)",
                  rs.ae_title, rs.bind, self.port, os.getpid(), rs.max_pdu_size,
                  rs.max_associations, ", SO_REUSEPORT" if self.reuse_port else "")
@@ -290,8 +306,44 @@ class Receiver:
                 if not files:
                     del self._temp_files[id(assoc)]
 
+    def _on_conn_open(self, event: evt.Event) -> None:
+        """A new connection: bounded PDU reads, and room for it among the unrequested.
+
+        Runs on the server's request thread before the association's threads start,
+        so ``assoc`` is not among ``active_associations`` yet.
+        """
+        assoc = event.assoc
+        pynetdicom_compat.guard_reads(assoc, self.settings.max_pdu_size or UNLIMITED_PDU_CAP)
+        pynetdicom_compat.wait_quietly_for_request(assoc)
+        waiting = pynetdicom_compat.unrequested(assoc.ae)  # oldest first
+        excess = []
+        while len(waiting) >= MAX_UNREQUESTED:
+            # The peer holding the most loses its oldest: a flood from a few addresses
+            # cannot push out a modality's connection on another one.
+            held = Counter(a.requestor.address for a in waiting)
+            held[assoc.requestor.address] += 1
+            top = max(held, key=held.__getitem__)
+            old = next((a for a in waiting if a.requestor.address == top), waiting[0])
+            waiting.remove(old)
+            excess.append(old)
+            pynetdicom_compat.hang_up(old)
+        if excess:
+            with self._lock:
+                self._evicted += len(excess)
+                now = time.monotonic()
+                log = now - self._evict_logged > EVICT_LOG_INTERVAL
+                if log:
+                    self._evict_logged = now
+                evicted = self._evicted
+            if log:
+                LOG.warning("more than %d connections without an A-ASSOCIATE-RQ: hung up the "
+                            "oldest (%d so far)", MAX_UNREQUESTED, evicted)
+
     def _on_conn_close(self, event: evt.Event) -> None:
         """A dropped connection leaves a partly received instance: delete it now."""
+        pynetdicom_compat.end_unrequested(event.assoc)
+        with self._lock:
+            self._admitted.discard(event.assoc)
         self._busy_at.pop(id(event.assoc), None)
         with self._lock:
             files = self._temp_files.pop(id(event.assoc), set())
@@ -313,15 +365,17 @@ class Receiver:
         if allowed and calling not in allowed:
             reason, rsd = "calling AE title not allowed", REJECT_CALLING_AE
         else:
-            # Count live peers only: after a bare TCP connect (a load balancer's health
-            # check) pynetdicom keeps the association thread for acse_timeout although
-            # its connection is gone, and its own count would reject real modalities.
-            live = [a for a in assoc.ae.active_associations
-                    if a.is_acceptor and a is not assoc
-                    and pynetdicom_compat.connection_alive(a)]
-            if len(live) >= self.settings.max_associations:
-                reason, rsd = (f"too many associations (max_associations "
-                               f"{self.settings.max_associations})"), REJECT_TOO_MANY
+            # Count the associations we admitted and whose thread runs, nothing else: a
+            # connection that never sent an A-ASSOCIATE-RQ (a health check, a scan, a
+            # peer stalling inside its RQ) must not lock modalities out. Count and admit
+            # under one lock: concurrent requests cannot both take the last slot.
+            with self._lock:
+                admitted = [a for a in self._admitted if a is not assoc and a.is_alive()]
+                if len(admitted) >= self.settings.max_associations:
+                    reason, rsd = (f"too many associations (max_associations "
+                                   f"{self.settings.max_associations})"), REJECT_TOO_MANY
+                else:
+                    self._admitted.add(assoc)
         if reason is not None:
             emit(LOG, Event.REJECTED, level=logging.WARNING, calling=calling,
                  peer=f"{assoc.requestor.address}:{assoc.requestor.port}", reason=reason)
@@ -470,7 +524,7 @@ def run(cfg: Settings) -> int:
     stop_on_signals(stop)
     receiver = Receiver(cfg, reuse_port=cfg.receiver.processes > 1).start()
     try:
-        stop.wait()
+        wait_until_stopped(stop)
     finally:
         receiver.stop()
     return 0

@@ -30,7 +30,9 @@ from typing import Any
 from hermes_py import config, dicomfile, fanout, rules
 from hermes_py.batches import Batches
 from hermes_py.config import ConfigError, Settings
-from hermes_py.spool import DCM, Spool
+from hermes_py.log import printable as _printable
+from hermes_py.spool import DCM, Spool, is_name
+from hermes_py.suspects import DEATHS, Suspects
 
 LOG = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ IDLE_TICK = 1.0
 # editor's half-written file is not taken for the new rules.
 RELOAD_SETTLE = 0.3
 PAUSE_ON_DISK_FULL = 5.0
+# Where files put into incoming/ by hand are handed to the intake (a sub-folder of drop/).
 
 
 def _stat(path: Path) -> tuple[int, int, int] | None:
@@ -76,6 +79,8 @@ class Router:
         self._paused_until = 0.0
         self.fanout = fanout.Fanout(self.spool, self._pause, self._joined)
         self.batches = Batches(self.spool, self.fanout, self._stop.is_set, self._paused)
+        self.suspects: Suspects | None = None  # learnt at start, under the router lock
+        self._misplaced_at = 0.0
 
     # ------------------------------------------------------------ control (any thread)
 
@@ -154,6 +159,7 @@ class Router:
     async def _serve(self) -> None:
         self.spool.ensure(list(self.cfg.destinations))
         self.spool.use_private_tmp()  # its creates never queue behind the receiver's
+        self.suspects = Suspects(self.spool, "router")
         observer = self._watch()
         LOG.info("router active on %s: %d rule(s), %d destination(s)", self.spool.root,
                  len(self.rules), len(self.cfg.destinations))
@@ -241,11 +247,20 @@ class Router:
         The scan is consumed lazily in chunks, never sorted or held in memory, so a
         backlog of any size costs the same per instance.
         """
-        done = 0
+        done = self._hand_misplaced()
         chunk: list[Path] = []
         with self.spool.scan(self.spool.incoming) as entries:
             for entry in entries:
-                chunk.append(Path(entry.path))
+                path = Path(entry.path)
+                if not is_name(path.stem):
+                    continue  # put here by hand: handed to the intake (_hand_misplaced)
+                if self._deadly(path):
+                    done += 1
+                    continue
+                if self.suspects is not None and path.stem in self.suspects.alone:
+                    done += await self._route_chunk([path])  # alone: a death is its own
+                    continue
+                chunk.append(path)
                 if len(chunk) < CHUNK:
                     continue
                 done += await self._route_chunk(chunk)
@@ -259,8 +274,51 @@ class Router:
         return done
 
     async def _route_chunk(self, paths: list[Path]) -> int:
-        loaded = await asyncio.to_thread(fanout.load_chunk, self.spool, paths, self.keywords)
-        return self.fanout.route_chunk(loaded, self.rules, self._stop.is_set)
+        assert self.suspects is not None
+        with self.suspects.holding(p.stem for p in paths):
+            loaded = await asyncio.to_thread(fanout.load_chunk, self.spool, paths,
+                                             self.keywords)
+            return self.fanout.route_chunk(loaded, self.rules, self._stop.is_set)
+
+    def _hand_misplaced(self) -> int:
+        """Files a person put straight into incoming/ (``IM0001``, ``notes.txt``, a ``.dcm``
+        of their own naming): the intake validates them and gives them a spool name, as
+        if dropped; without an intake they go to error/ with the reason. At most every
+        RESCAN_INTERVAL: one more listing of incoming/."""
+        now = time.monotonic()
+        if now < self._misplaced_at:
+            return 0
+        self._misplaced_at = now + RESCAN_INTERVAL
+        moved = 0
+        for path in self.spool.misplaced(self.spool.incoming):
+            try:
+                if self.cfg.intake.enabled:
+                    to = self.spool.to_drop(path)
+                    LOG.warning("%s was put into incoming/ by hand: handed to the intake as "
+                                "%s", _printable(path.name), to.relative_to(self.spool.root))
+                else:
+                    self.spool.quarantine(path, "put into incoming/ by hand, and the drop "
+                                                "folder intake that would check it is off",
+                                          "route")
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                LOG.warning("cannot move %s out of incoming/: %s", _printable(path.name), e)
+                continue
+            moved += 1
+        return moved
+
+    def _deadly(self, path: Path) -> bool:
+        """In hand at DEATHS router deaths: to error/, never read again."""
+        s = self.suspects
+        if s is None or not s.deadly(path.stem):
+            return False
+        self.fanout.quarantine(
+            path, f"the router died {DEATHS} times while reading or routing this instance "
+                  "(a malformed or hostile file?); it is not read again",
+            self.spool.read_sidecar(path), fanout.Commit(), None)
+        s.forget(path.stem)
+        return True
 
     # ------------------------------------------------------------ hints
 

@@ -27,7 +27,9 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
+
+import re2
 
 from hermes_py.durations import fmt_duration
 from hermes_py.spool.names import sanitize
@@ -65,6 +67,32 @@ def _glob_regex(pattern: str) -> str:
     return "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
 
 
+class Matcher(Protocol):
+    def search(self, text: str) -> object | None: ...
+    def fullmatch(self, text: str) -> object | None: ...
+
+
+def compile_linear(pattern: str, ignore_case: bool = False, dot_all: bool = False) -> Matcher:
+    """A regex that runs in time linear in the value: RE2, not Python's backtracking ``re``.
+
+    The values come from any modality and the router evaluates rules for
+    everyone: with ``re``, ``^(a+)+$`` and a PatientName of 30 a's and a "!"
+    freeze all routing for minutes. RE2 refuses what it cannot run linearly
+    (backreferences, lookaround): ValueError with RE2's words.
+    """
+    opts = re2.Options()
+    opts.log_errors = False  # our ValueError says it; RE2 would also print to stderr
+    opts.case_sensitive = not ignore_case
+    opts.dot_nl = dot_all
+    try:
+        return cast(Matcher, re2.compile(pattern, opts))
+    except re2.error as e:
+        text = e.args[0] if e.args else e
+        why = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+        raise ValueError(f"{why} (rules use RE2 syntax, which always runs in linear time: no "
+                         "backreferences, no lookahead or lookbehind)") from None
+
+
 @dataclass(frozen=True)
 class Condition:
     """One ``match``/``exclude`` entry: a key and the patterns any of which may hold.
@@ -77,18 +105,19 @@ class Condition:
 
     key: str
     patterns: tuple[str, ...]
-    regex: re.Pattern[str] | None = None
+    # compiled with compile_linear; compared by its text, which is in ``patterns``
+    regex: Matcher | None = field(default=None, compare=False)
     ignore_case: bool = False
     source: str = ""  # the TOML value as written, for explanations
     _exact: frozenset[str] = field(init=False, repr=False, compare=False)
-    _glob: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    _glob: Matcher | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         pats = [p.casefold() if self.ignore_case else p for p in self.patterns]
         globs = [p for p in pats if is_glob(p)]
         object.__setattr__(self, "_exact", frozenset(p for p in pats if not is_glob(p)))
-        object.__setattr__(self, "_glob", re.compile(
-            "|".join(f"(?:{_glob_regex(g)})" for g in globs), re.DOTALL) if globs else None)
+        object.__setattr__(self, "_glob", compile_linear(
+            "|".join(f"(?:{_glob_regex(g)})" for g in globs), dot_all=True) if globs else None)
 
     @property
     def kind(self) -> str:

@@ -47,9 +47,9 @@ from typing import IO, Any
 from hermes_py.config import Settings, parse
 from hermes_py.errors import HermesError
 from hermes_py.events import Hub, Occurrence
-from hermes_py.log import local_stamp, text_line
+from hermes_py.log import local_stamp, text_line, write_line
 from hermes_py.metrics import Counters, MetricsServer
-from hermes_py.process import LAST_GOOD_ENV, SUPERVISED_ENV
+from hermes_py.process import LAST_GOOD_ENV, SUPERVISED_ENV, start_thread
 from hermes_py.spool import Spool, now_iso
 
 LOG = logging.getLogger(__name__)
@@ -118,7 +118,6 @@ class Supervisor:
         self._signals = 0
         self._reload = False
         self._started_at = now_iso()
-        self._out_lock = threading.Lock()
         self._metrics_url: str | None = None
         self._remember_config()
 
@@ -165,9 +164,8 @@ class Supervisor:
         child.started = time.monotonic()
         child.started_at = now_iso()
         assert child.proc.stderr is not None
-        child.reader = threading.Thread(target=self._pump, args=(child.name, child.proc.stderr),
-                                        name=f"log-{child.name}", daemon=True)
-        child.reader.start()
+        child.reader = start_thread(self._pump, f"log-{child.name}",
+                                    (child.name, child.proc.stderr))
         LOG.info("started %s (pid %d)", child.name, child.proc.pid)
         self._write_state()
 
@@ -243,12 +241,7 @@ class Supervisor:
                 out = json.dumps({**rec, "process": name}, default=str)
             else:
                 out = self._text(name, rec)
-        with self._out_lock:
-            try:
-                sys.stderr.write(out + "\n")
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
+        write_line(out)
 
     @staticmethod
     def _text(name: str, rec: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from hermes_py.admin import queue as queue_verbs
 from hermes_py.config import load
 from hermes_py.lifecycle import Event
 from hermes_py.pynetdicom_compat import VERIFICATION
-from hermes_py.spool import Flag, Spool
+from hermes_py.spool import Flag, Spool, now_iso
 from tests.support.cli import one_error_line, run
 from tests.support.config import Config, dest, pacs_and_ris
 from tests.support.dicomgen import make_instance, save, write_series
@@ -421,3 +421,33 @@ def test_send_refuses_missing_paths_and_disabled_intake(rules: Path, tmp_path: P
     cp = run("send", rules, "-c", rules)
     assert cp.returncode == 2
     assert "intake is disabled" in one_error_line(cp)
+
+
+def test_send_refuses_the_spool_itself_or_a_folder_in_or_around_it(rules: Path,
+                                                                   tmp_path: Path) -> None:
+    """Sending the spool (success/ among it) would deliver every instance again."""
+    spool = _spool(rules)
+    put(spool, spool.success_dir("pacs"), sop="1.2.3")
+    for target in (spool.root, spool.success_dir("pacs"), rules.parent):
+        cp = run("send", target, "-c", rules)
+        assert cp.returncode == 2, cp.stdout
+        assert "is the spool or inside it" in one_error_line(cp)
+    assert not any(spool.drop.iterdir())
+
+
+def test_status_says_stalled_when_a_dispatcher_stops_reporting(rules: Path) -> None:
+    """A dispatcher rewrites its state file every heartbeat (30 s) while it runs; one that
+    is stopped (SIGSTOP), hung or gone must not keep looking ok."""
+    spool = _spool(rules)
+    now = time.time()
+    put(spool, None, sop="1.5.1", dest="pacs", received=now - 600)
+    for name, age in (("pacs", 600.0), ("ris", 5.0)):
+        spool.write_json(spool.state_file(name), {
+            "destination": name, "state": "ok", "backoff_until": None,
+            "consecutive_failures": 0, "last_error": None, "last_success": None,
+            "updated_at": now_iso(now - age)})
+    snap = json.loads(run("status", "--json", "-c", rules).stdout)
+    assert snap["destinations"]["pacs"]["state"] == "stalled"
+    assert snap["destinations"]["ris"]["state"] == "ok"
+    text = run("status", "-c", rules).stdout
+    assert "STALLED (no report for 10m)" in text

@@ -205,6 +205,18 @@ BAD = [
         to = ["pacs"]
         match = { Modality = [] }  # <-
         """), "rules[0].match.Modality", "non-empty list"),
+    # a table inside a table is found by its own header, not by its parent's
+    ("unknown-sub-table", textwrap.dedent("""\
+        [spool]
+        path = "spool"
+
+        [receiver.tls]  # <-
+        port = 2762
+        """), "receiver.tls", "unknown key"),
+    ("unknown-sub-table-of-a-destination", HEAD + textwrap.dedent("""\
+        [destinations.pacs.tls]  # <-
+        ca_file = "ca.pem"
+        """), "destinations.pacs.tls", "unknown key"),
     # pacs-web and pacs_web would both be outgoing/pacs_web/: one queue for two.
     ("names-sharing-a-folder", HEAD + textwrap.dedent("""\
         [destinations.pacs-web]
@@ -328,3 +340,16 @@ def test_cli_check_ok_and_invalid(tmp_path: Path) -> None:
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith(
         f"hermes-py: error: {bad.resolve()}:{line}: rules[0].match.Modalty: unknown DICOM keyword")
+
+
+def test_spool_path_naming_a_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    for where in ("afile", "afile/spool"):
+        path = tmp_path / "rules.toml"
+        path.write_text(f'[spool]\npath = "{where}"\n')
+        with pytest.raises(ConfigError, match=r"rules.toml:2: spool.path: .*afile is a file, "
+                                              r"not a folder"):
+            load(path)
+    cp = subprocess.run([sys.executable, "-m", "hermes_py", "serve", "-c", str(path)],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and len(cp.stderr.strip().splitlines()) == 1, cp.stderr

@@ -36,7 +36,7 @@ from hermes_py.config import RetryPolicy, Settings
 from hermes_py.destination_state import DestinationState
 from hermes_py.destinations.dicom_scu import DicomDestination
 from hermes_py.destinations.negotiation import plan
-from hermes_py.dispatcher import SUCCESS_FLUSH_COUNT, Dispatcher, backoff_delay
+from hermes_py.dispatcher import SEVERED_LIMIT, SUCCESS_FLUSH_COUNT, Dispatcher, backoff_delay
 from hermes_py.lifecycle import Event
 from hermes_py.outcomes import RETRY_CAPS, LinkFailure, LinkKind, classify_reject
 from hermes_py.pynetdicom_compat import BUSY_LOOP_DELAY
@@ -271,6 +271,45 @@ def test_abort_mid_batch_reassociates_and_resends_only_unanswered(make_settings)
         for sc in retried:
             assert sc["history"][0]["outcome"] == "transient"
             assert "aborted" in sc["history"][0]["reason"]
+
+
+def test_an_instance_that_aborts_every_association_fails_alone(make_settings, events) -> None:
+    """Blamed on the instance, not the destination: sent alone after its first abort,
+    permanent after SEVERED_LIMIT while the others are delivered, no backoff at all."""
+    cfg = make_settings(dest("pacs", free_port(), batch_size=10))
+    uids = series(cfg, "pacs", 8)
+    poison = uids[2]
+    with ScriptedSCP(port=cfg.destination("pacs").port,  # type: ignore[attr-defined]
+                     script=Script(abort_on=frozenset({poison}))) as scp, \
+            serving(cfg, "pacs"):
+        wait_for(lambda: len(errored(cfg, "pacs")) == 1, 60)
+        wait_for(lambda: len(delivered(cfg, "pacs")) == 7, 30)
+    assert scp.uids == set(uids) - {poison}
+    [failed] = sidecars(Spool(cfg.spool.path).error_dir("pacs"))
+    assert failed["sop_instance_uid"] == poison
+    assert failed["attempts"] == SEVERED_LIMIT
+    assert [h.get("scope") for h in failed["history"]] == ["severed"] * SEVERED_LIMIT
+    assert "aborted" in failed["error"]["reason"]
+    assert "accepted others" in failed["error"]["reason"]
+    # the others went at once: none waited behind it, none was deferred
+    assert all(sc["attempts"] == 1 for sc in sidecars(Spool(cfg.spool.path).success_dir("pacs")))
+    assert not [o for o in events if o.event in (Event.DESTINATION_DOWN, Event.DEFERRED)]
+    assert state(cfg, "pacs")["state"] == "ok"
+
+
+def test_aborts_of_different_instances_in_a_row_back_off_the_destination(make_settings) -> None:
+    """A peer that aborts whatever it gets is failing as a whole: no instance is blamed
+    for good, and the destination is backed off."""
+    cfg = make_settings(dest("pacs", free_port()))
+    uids = series(cfg, "pacs", 4)
+    script = Script(abort_on=frozenset(uids))
+    with ScriptedSCP(port=cfg.destination("pacs").port,  # type: ignore[attr-defined]
+                     script=script) as scp, serving(cfg, "pacs"):
+        wait_for(lambda: state(cfg, "pacs").get("state") == "backoff", 30)
+        assert state(cfg, "pacs")["last_error"]["kind"] == "association aborted"
+        script.abort_on = frozenset()
+        wait_for(lambda: len(delivered(cfg, "pacs")) == 4, 60)
+    assert scp.uids == set(uids) and not errored(cfg, "pacs")
 
 
 def test_dimse_timeout_keeps_instances_queued_then_delivers(make_settings) -> None:

@@ -6,6 +6,7 @@ where a test must show that time alone (not an event) decides.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -39,8 +40,13 @@ def spool(tmp_path: Path) -> Spool:
     return s
 
 
-def make_intake(spool: Spool, stable_for: float = 0.0, rescan: float = 0.2) -> DropIntake:
-    return DropIntake(spool, IntakeSettings(stable_for=stable_for, rescan_interval=rescan))
+INCOMPLETE_AFTER = 60.0
+
+
+def make_intake(spool: Spool, stable_for: float = 0.0, rescan: float = 0.2,
+                incomplete_after: float = INCOMPLETE_AFTER) -> DropIntake:
+    return DropIntake(spool, IntakeSettings(stable_for=stable_for, rescan_interval=rescan,
+                                            incomplete_after=incomplete_after))
 
 
 @pytest.fixture
@@ -84,7 +90,9 @@ def ct(tmp_path: Path, name: str = "ct.dcm", **kw: Any) -> Path:
 # ---------------------------------------------------------------- accepted files
 
 
-def test_part10_files_are_renamed_in_with_a_sidecar(spool: Spool, tmp_path: Path) -> None:
+def test_part10_files_are_copied_in_with_a_sidecar(spool: Spool, tmp_path: Path) -> None:
+    """The spool's copy is its own inode: a writer still holding the dropped file (or a
+    hard link outside the spool) can never change what was checked and delivered."""
     files = dicomgen.mixed_set(tmp_path / "src")
     inodes = {}
     for f in files:
@@ -100,8 +108,8 @@ def test_part10_files_are_renamed_in_with_a_sidecar(spool: Spool, tmp_path: Path
     for f in files:
         uid = uid_of(f)
         dst = got[uid]
-        assert dst.read_bytes() == f.read_bytes()  # a Part-10 file is moved, not rewritten
-        assert dst.stat().st_ino == inodes[uid]  # ... by rename: huge files cost nothing
+        assert dst.read_bytes() == f.read_bytes()  # a Part-10 file is copied, not rewritten
+        assert dst.stat().st_ino != inodes[uid] and dst.stat().st_nlink == 1
         meta = dcmread(f, stop_before_pixels=True).file_meta
         sc = sidecar(dst)
         assert sc["name"] == dst.stem and is_name(dst.stem)
@@ -210,6 +218,9 @@ def _raw_compressed(tmp_path: Path) -> bytes:
     return dicomgen.dataset_bytes(f)
 
 
+# Cut short, or not written yet: a writer may still be at it, so these wait incomplete_after.
+INCOMPLETE = {"pixel data cut", "cut inside a header", "sequence never ends",
+              "encapsulated pixel data never ends", "raw data set cut", "deflated cut", "empty"}
 REJECTS: dict[str, tuple[Callable[[Path], bytes], str]] = {
     "pixel data cut": (lambda t: ct(t).read_bytes()[:-100],
                        "element (7FE0,0010) PixelData at byte"),
@@ -244,11 +255,18 @@ def test_junk_and_truncated_files_go_to_error_with_a_reason(spool: Spool, tmp_pa
     dropped.parent.mkdir()
     dropped.write_bytes(data)
     intake = make_intake(spool)
-    assert intake.poll() == 1
+    now = time.time()
+    if case in INCOMPLETE:
+        assert intake.poll(now) == 0 and errors(spool) == []  # its writer may be slow
+        assert intake.poll(now + INCOMPLETE_AFTER / 2) == 0
+        now += INCOMPLETE_AFTER + 1
+    assert intake.poll(now) == 1
     [err] = errors(spool)
     assert err.read_bytes() == data  # kept as it was, for a person to look at
     sc = sidecar(err)
     assert reason in sc["error"]["reason"], sc["error"]["reason"]
+    if case in INCOMPLETE:
+        assert "(unchanged for 1m)" in sc["error"]["reason"], sc["error"]["reason"]
     assert sc["error"]["stage"] == "intake"
     assert sc["original_path"] == "drop/from_cd/FILE0001"
     assert sc["source"] == "drop"
@@ -257,7 +275,7 @@ def test_junk_and_truncated_files_go_to_error_with_a_reason(spool: Spool, tmp_pa
     assert any(m.startswith("rejected") and "FILE0001" in m for m in caplog.messages)
     # the intake goes on: the next good file is taken
     shutil.copyfile(ct(tmp_path, "good.dcm"), spool.drop / "good.dcm")
-    assert intake.poll(time.time() + 1) == 1
+    assert intake.poll(now + 1) == 1
     assert len(incoming(spool)) == 1
 
 
@@ -321,12 +339,15 @@ def test_stability_decides_without_events(spool: Spool, tmp_path: Path) -> None:
 
 
 def test_stalled_partial_copy_ends_in_error_not_incoming(spool: Spool, tmp_path: Path) -> None:
-    """A copy that died half-way looks stable; the structure check catches it."""
+    """A copy that died half-way looks stable; the structure check catches it, and once it
+    stayed so for incomplete_after it is truncated, not a writer that paused."""
     data = ct(tmp_path).read_bytes()
     (spool.drop / "died.dcm").write_bytes(data[: len(data) // 2])
-    intake = make_intake(spool, stable_for=5.0, rescan=1.0)
+    intake = make_intake(spool, stable_for=5.0, rescan=1.0, incomplete_after=30.0)
     assert intake.poll(100.0) == 0
-    assert intake.poll(106.0) == 1
+    assert intake.poll(106.0) == 0  # stable, not whole: waits for its writer
+    assert intake.poll(125.0) == 0 and errors(spool) == []
+    assert intake.poll(131.0) == 1
     [err] = errors(spool)
     assert "truncated" in sidecar(err)["error"]["reason"]
     assert incoming(spool) == []
@@ -378,6 +399,21 @@ def test_close_write_and_rename_in_are_taken_at_once(spool: Spool, tmp_path: Pat
     os.rename(tmp, spool.drop / "copied2.dcm")
     wait_for(lambda: len(incoming(spool)) == 2, what="the renamed file to be taken")
     assert files_in_drop(spool) == [] and errors(spool) == []
+
+
+def test_truncated_file_renamed_in_is_rejected_without_the_wait(spool: Spool, tmp_path: Path,
+                                                             running: Any) -> None:
+    """``hermes-py send`` renames whole copies into drop/: a cut file there will not grow,
+    so it goes to error/ at once (incomplete_after is 60 s here), naming why."""
+    running(stable_for=3600.0, rescan=3600.0)
+    data = ct(tmp_path, rows=64, cols=64).read_bytes()
+    tmp = tmp_path / "cut.dcm"
+    tmp.write_bytes(data[:_pixel_data_offset(data)])
+    spool.deposit(tmp, spool.drop / "cut.dcm")
+    wait_for(lambda: len(errors(spool)) == 1, 10, what="the renamed cut file in error/")
+    [err] = errors(spool)
+    reason = json.loads(err.with_suffix(".json").read_text())["error"]["reason"]
+    assert "renamed into drop/" in reason and incoming(spool) == []
 
 
 def test_thousand_files_copied_in_while_running(spool: Spool, tmp_path: Path,
@@ -457,3 +493,91 @@ def test_odd_file_names(spool: Spool, tmp_path: Path, caplog: pytest.LogCaptureF
     assert len(incoming(spool)) == 1 and len(errors(spool)) == 1
     assert sidecar(incoming(spool)[0])["original_path"] == "drop/IM\udcff\n01"
     assert all("\n" not in m for m in caplog.messages)
+
+
+# ---------------------------------------------------------------- writers that pause
+
+
+def _pixel_data_offset(data: bytes) -> int:
+    """Where the top-level (7FE0,0010) element starts in an explicit VR LE Part-10 file."""
+    at = data.rfind(struct.pack("<HH", 0x7FE0, 0x0010) + b"OW")
+    assert at > 0
+    return at
+
+
+def test_writer_pausing_before_the_pixel_data_is_waited_for(spool: Spool, tmp_path: Path
+                                                             ) -> None:
+    """A slow share that stops after the header (past stable_for) and then writes the
+    pixels: never taken as an image without its Pixel Data; taken whole once written."""
+    data = ct(tmp_path, rows=64, cols=64).read_bytes()
+    cut = _pixel_data_offset(data)
+    dropped = spool.drop / "IM0001"
+    intake = make_intake(spool, stable_for=5.0, rescan=1.0)
+    with open(dropped, "wb") as w:  # held open, never closed in between (SMB)
+        w.write(data[:cut])
+        w.flush()
+        assert intake.poll(100.0) == 0
+        assert intake.poll(108.0) == 0  # stable for 8 s: but an image without pixels
+        assert incoming(spool) == [] and errors(spool) == []
+        w.write(data[cut:])
+        w.flush()
+    assert intake.poll(110.0) == 0  # it changed: stable_for starts again
+    assert intake.poll(116.0) == 1
+    [got] = incoming(spool)
+    assert got.read_bytes() == data
+
+
+def test_writer_pausing_inside_the_pixel_data_is_not_sent_to_error(spool: Spool,
+                                                                    tmp_path: Path) -> None:
+    """Pieces 6.5 s apart with stable_for 5 s: each pause looks stable and cut short; the
+    file waits for its writer instead of going to error/ as truncated."""
+    data = ct(tmp_path, rows=256, cols=256).read_bytes()
+    dropped = spool.drop / "slow2.dcm"
+    intake = make_intake(spool, stable_for=5.0, rescan=0.1)  # every poll a full rescan
+    t = 100.0
+    with open(dropped, "wb") as w:
+        for piece in range(5):
+            w.write(data[piece * len(data) // 5:(piece + 1) * len(data) // 5])
+            w.flush()
+            os.utime(dropped, ns=(int(t * 1e9), int(t * 1e9)))  # mtime changes each piece
+            assert intake.poll(t) == 0
+            assert intake.poll(t + 6.5) == (1 if piece == 4 else 0)
+            t += 7.0
+    assert errors(spool) == []
+    [got] = incoming(spool)
+    assert got.read_bytes() == data
+
+
+def test_hard_link_into_drop_leaves_no_inode_shared_with_the_spool(spool: Spool,
+                                                                   tmp_path: Path) -> None:
+    outside = ct(tmp_path, "orig.dcm")
+    os.link(outside, spool.drop / "linked.dcm")
+    assert outside.stat().st_nlink == 2
+    assert make_intake(spool).poll() == 1
+    [got] = incoming(spool)
+    assert outside.stat().st_nlink == 1  # the drop link is gone, the original untouched
+    assert got.stat().st_ino != outside.stat().st_ino
+    assert got.read_bytes() == outside.read_bytes()
+
+
+def test_file_changed_while_copied_is_not_published(spool: Spool, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy is published only if the dropped file is the same, unchanged, afterwards."""
+    data = ct(tmp_path).read_bytes()
+    dropped = spool.drop / "busy.dcm"
+    dropped.write_bytes(data)
+    real = shutil.copyfileobj
+
+    def copy_then_touch(src: Any, dst: Any, length: int = 0) -> None:
+        real(src, dst, length)
+        os.utime(dropped, (1e9, 1e9))  # its writer was not done after all
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy_then_touch)
+    intake = make_intake(spool)
+    assert intake.poll() == 0
+    assert incoming(spool) == [] and dropped.exists()
+    assert os.listdir(spool.tmp) == []  # the copy did not stay behind
+    monkeypatch.setattr(shutil, "copyfileobj", real)
+    assert intake.poll(time.time() + 1) == 1
+    [got] = incoming(spool)
+    assert got.read_bytes() == data

@@ -21,6 +21,7 @@ from pydicom.uid import (
 from pynetdicom.presentation import PresentationContext, build_context
 
 from hermes_py.destinations import negotiation
+from hermes_py.destinations.base import Workspace
 from hermes_py.destinations.negotiation import MAX_CONTEXTS, Mode, Unsendable, choose, plan, prepare
 from tests.support.dicomgen import compressed_instance, make_instance, save
 
@@ -116,18 +117,19 @@ def test_decompress_keeps_the_sop_instance_uid(tmp_path: Path, kind: str) -> Non
     c = choose([accepted(str(src.SOPClassUID), ExplicitVRLittleEndian)], [],
                str(src.SOPClassUID), str(src.file_meta.TransferSyntaxUID))
     assert c.mode is Mode.DECOMPRESS
-    ds = prepare(path, c)
-    assert not isinstance(ds, Path)
-    assert str(ds.SOPInstanceUID) == uid
-    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert ds.pixel_array.shape[:2] == (ds.Rows, ds.Columns)
+    with prepare(path, c) as ds:
+        assert not isinstance(ds, Path)
+        assert str(ds.SOPInstanceUID) == uid
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert ds.pixel_array.shape[:2] == (ds.Rows, ds.Columns)
 
 
 def test_as_stored_is_the_path_itself(tmp_path: Path) -> None:
     path = save(make_instance(8, 8), tmp_path / "a.dcm")
     c = choose([accepted(CTImageStorage, ExplicitVRLittleEndian)], [], CTImageStorage,
                ExplicitVRLittleEndian)
-    assert prepare(path, c) == path
+    with prepare(path, c) as payload:
+        assert payload == path
 
 
 def test_broken_compressed_data_is_unsendable_with_the_syntax_named(tmp_path: Path) -> None:
@@ -137,6 +139,85 @@ def test_broken_compressed_data_is_unsendable_with_the_syntax_named(tmp_path: Pa
     path = save(src, tmp_path / "bad.dcm")
     c = negotiation.Choice(Mode.DECOMPRESS, accepted(str(src.SOPClassUID),
                                                      ExplicitVRLittleEndian))
-    with pytest.raises(Unsendable, match="JPEG 2000"):
-        prepare(path, c)
+    with pytest.raises(Unsendable, match="JPEG 2000"), prepare(path, c):
+        pass
     assert dcmread(path).SOPInstanceUID == src.SOPInstanceUID  # the file is untouched
+
+
+# ---------------------------------------------------------------- deflated, streamed conversions
+
+SC = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _deflate_bomb(path: Path, n: int) -> str:
+    """A small Deflated Explicit VR LE file whose OB inflates to ``n`` zero bytes."""
+    import struct
+    import zlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = SC, generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SC, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head, body = DicomBytesIO(), DicomBytesIO()
+    for b in (head, body):
+        b.is_little_endian, b.is_implicit_VR = True, False
+    write_file_meta_info(head, meta, enforce_standard=True)
+    write_dataset(body, ds)
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    with open(path, "wb") as fp:
+        fp.write(b"\x00" * 128 + b"DICM" + head.getvalue())
+        fp.write(comp.compress(body.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x10, b"OB", 0, n)))
+        zeros = bytes(1 << 20)
+        for _ in range(n >> 20):
+            fp.write(comp.compress(zeros))
+        fp.write(comp.flush())
+    return str(ds.SOPInstanceUID)
+
+
+def test_odd_deflate_stream_is_sent_from_a_padded_copy() -> None:
+    from pydicom.data import get_testdata_file
+
+    path = Path(get_testdata_file("image_dfl.dcm"))    # 4303-byte deflate stream: odd
+    c = choose([accepted(SC, DeflatedExplicitVRLittleEndian)], [], SC,
+               DeflatedExplicitVRLittleEndian)
+    assert c.mode is Mode.AS_STORED
+    with prepare(path, c) as payload:
+        assert isinstance(payload, Path) and payload != path
+        assert payload.stat().st_size == path.stat().st_size + 1
+        assert dcmread(payload).SOPInstanceUID == dcmread(path).SOPInstanceUID
+    assert not payload.exists()
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_deflated_to_uncompressed_only_is_inflated_to_a_temp_file(tmp_path: Path,
+                                                                  ts: str) -> None:
+    from pydicom.data import get_testdata_file
+
+    path = Path(get_testdata_file("image_dfl.dcm"))
+    c = choose([accepted(SC, ts)], [], SC, DeflatedExplicitVRLittleEndian)
+    assert c.mode is Mode.REENCODE
+    with prepare(path, c, Workspace(scratch=tmp_path)) as payload:
+        assert isinstance(payload, Path) and payload.parent == tmp_path
+        out, ref = dcmread(payload), dcmread(path)
+        assert out.file_meta.TransferSyntaxUID == ts
+        assert out.file_meta.MediaStorageSOPInstanceUID == ref.SOPInstanceUID
+        assert out.PixelData == ref.PixelData
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_deflate_bomb_is_refused_past_the_cap(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.dcm"
+    _deflate_bomb(path, 64 << 20)
+    work = tmp_path / "work"
+    work.mkdir()
+    c = choose([accepted(SC, ExplicitVRLittleEndian)], [], SC, DeflatedExplicitVRLittleEndian)
+    with pytest.raises(Unsendable, match=r"\[limits\] max_inflated_mb"), \
+            prepare(path, c, Workspace(scratch=work, max_inflated=8 << 20)):
+        pass
+    assert list(work.iterdir()) == []

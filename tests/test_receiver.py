@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import socket
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -350,6 +353,90 @@ def test_port_probes_do_not_use_up_associations(make_receiver: Any) -> None:
     wait_for(gets_in, timeout=20, interval=0.2, what="an association despite the probes")
 
 
+def _echo_ok(port: int) -> bool:
+    ae = AE(ae_title="PYSCU")
+    ae.acse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(Verification)
+    a = ae.associate(LOOPBACK, port, ae_title="HERMES")
+    if not a.is_established:
+        return False
+    try:
+        return int(a.send_c_echo().Status) == 0
+    finally:
+        a.release()
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    """EOF (or a reset) on a socket we only ever wrote to: the receiver hung up."""
+    s.setblocking(False)
+    try:
+        return s.recv(1 << 16) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_half_open_and_silent_connections_never_lock_modalities_out(make_receiver: Any) -> None:
+    """Connections that send part of an A-ASSOCIATE-RQ (or nothing) take no association
+    slot and are hung up at acse_timeout; a modality gets in at once (issue 11.3)."""
+    r = make_receiver(max_associations=2, acse_timeout=3, network_timeout=60)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(10):   # the 6-byte header of a 1,000-byte RQ, then nothing
+            s = socket.create_connection((LOOPBACK, r.port))
+            s.sendall(struct.pack(">BBL", 0x01, 0, 1000))
+            held.append(s)
+        for _ in range(20):   # nothing at all
+            held.append(socket.create_connection((LOOPBACK, r.port)))
+        t0 = time.monotonic()
+        assert _echo_ok(r.port) and _echo_ok(r.port)
+        assert time.monotonic() - t0 < 3, "a modality waited behind the half-open connections"
+        wait_for(lambda: all(_closed_by_peer(s) for s in held), timeout=15,
+                 what="every half-open and silent connection closed by the receiver")
+        assert _echo_ok(r.port)
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_connect_and_close_leaves_no_thread_behind(make_receiver: Any) -> None:
+    """A health check's connect+close ends its association thread at once, not after
+    acse_timeout (60 s here): 100 of them leave the receiver as it was."""
+    r = make_receiver(acse_timeout=60)
+    assert _echo_ok(r.port)
+    base = threading.active_count()
+    for _ in range(100):
+        with socket.create_connection((LOOPBACK, r.port)):
+            pass
+    wait_for(lambda: not r._ae.active_associations and threading.active_count() <= base,
+             timeout=10, what=f"receiver threads back to {base} (now "
+                              f"{threading.active_count()})")
+
+
+@pytest.mark.parametrize("announced", [300 << 20, 3 << 30], ids=["300MB", "3GB"])
+def test_a_pdu_larger_than_we_advertise_aborts_before_its_body(make_receiver: Any,
+                                                               announced: int) -> None:
+    """We advertise 256 KiB; a P-DATA-TF announcing hundreds of MB is refused with an
+    A-ABORT as soon as its header arrives, its body never read (issue 11.4)."""
+    r = make_receiver(network_timeout=60)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOOPBACK, r.port, ae_title="HERMES")
+    assert assoc.is_established
+    sock = assoc.dul.socket.socket
+    assert sock is not None
+    # Write below pynetdicom's DUL: a header, then 1 MiB of the promised body.
+    sock.sendall(struct.pack(">BBL", 0x04, 0, announced))
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # hung up already
+        sock.sendall(b"\0" * (1 << 20))
+    wait_for(lambda: assoc.is_aborted or not assoc.is_established, timeout=10,
+             what="the receiver to abort the association")
+    wait_for(lambda: not any(a.is_established for a in r._ae.active_associations), 10,
+             what="the receiver's side of the association to end")
+    assert _echo_ok(r.port)
+
+
 # ---------------------------------------------------------------- refusals
 
 
@@ -583,6 +670,33 @@ def test_hermes_py_receive_process(make_settings: Any, tmp_path: Path) -> None:
     assert len(list((cfg.spool.path / "incoming").glob("*.dcm"))) == len(files)
     assert len(re.findall(r"\breceived sop=", out)) == len(files)
     assert "from=CT1@127.0.0.1" in out
+
+
+F_SETPIPE_SZ = 1031  # fcntl.h: Linux
+
+
+def test_a_stderr_nobody_reads_never_stops_receiving(make_settings: Any, tmp_path: Path
+                                                     ) -> None:
+    """serve suspended (Ctrl-Z, a blocked terminal) stops reading its children's stderr: a
+    pipe holds 64 KiB of log lines, then every write would block, the receiver's before it
+    answers. Logging goes through a bounded non-blocking queue instead."""
+    port = peers.free_port()
+    cfg = _settings(make_settings, port)
+    proc = subprocess.Popen([*hermes_cmd(), "receive", "-c", str(cfg.path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # never read
+    assert proc.stderr is not None
+    fcntl.fcntl(proc.stderr.fileno(), F_SETPIPE_SZ, 4096)  # the smallest pipe: a page
+    try:
+        peers.wait_port(port, 30)
+        f = dicomgen.save(dicomgen.make_instance(8, 8), tmp_path / "a.dcm")
+        n = 60  # ~330 bytes of log each: several times what the pipe holds
+        statuses = send(port, [f] * n)
+        assert statuses == [0] * n
+    finally:
+        proc.send_signal(15)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert err.decode().count("received sop=") == n  # queued, not lost, once read
 
 
 def test_two_processes_share_the_port(make_settings: Any, tmp_path: Path) -> None:

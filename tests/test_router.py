@@ -11,6 +11,7 @@ installed ``hermes-py route``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from pydicom.uid import generate_uid
 from hermes_py import batches, fanout, router
 from hermes_py.config import Settings, load
 from hermes_py.intake import DropIntake
-from hermes_py.spool import URGENT, Spool
+from hermes_py.spool import URGENT, Spool, is_name
 from tests.support.cli import hermes_cmd
 from tests.support.config import Config, Dest
 from tests.support.dicomgen import dataset_bytes, make_instance, save
@@ -536,3 +537,85 @@ def test_dropped_file_goes_from_intake_through_the_router(tmp_path: Path) -> Non
     (name,) = env.names(env.spool.outbox("a"))
     sc = env.sidecar(env.spool.outbox("a"), name)
     assert sc["source"] == "drop" and sc["sop_instance_uid"] == ds.SOPInstanceUID
+
+
+def test_an_instance_that_kills_the_router_goes_to_error_after_two_deaths_alone(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """A file that crashes its reader (memory, a parser bug) is read alone after the first
+    death and quarantined after its second death alone, instead of crash-looping
+    everyone's routing."""
+    env = Env(tmp_path, CRASH_RULES)
+    names = sorted(_publish_many(env, 20))
+    deadly = names[7]
+    log = tmp_path / "route.log"
+    for death in (1, 2, 3):
+        p = start_route(env, log, {fanout.CRASH_ON_ENV: deadly})
+        procs.append(p)
+        assert p.wait(120) == 71, log.read_text()[-2000:]
+        record = json.loads((env.spool.state / "router.inhand.json").read_text())
+        # the first death was in a chunk of many (each then goes alone), the others alone
+        assert (len(record["names"]) > 1) if death == 1 else (record["names"] == [deadly])
+    p = start_route(env, log, {fanout.CRASH_ON_ENV: deadly})  # it would die a third time
+    procs.append(p)
+    wait(lambda: _settled(env) and len(env.names(env.spool.outbox("c"))) == len(names) - 1,
+         timeout=120, what="the other 19 routed")
+    assert stop(p) == 0
+    [err] = list(env.spool.error.glob("*.dcm"))
+    assert err.stem == deadly
+    reason = env.sidecar(env.spool.error, deadly)["error"]["reason"]
+    assert "the router died 2 times" in reason
+    assert not (env.spool.state / "router.deaths.json").exists()
+    assert "died while working on" in log.read_text()
+
+
+@pytest.mark.parametrize("intake_on", [True, False])
+def test_files_put_into_incoming_by_hand_are_taken_in_or_refused(tmp_path: Path,
+                                                                 intake_on: bool) -> None:
+    """``IM0001`` (media names have no extension), ``notes.txt`` and a ``.dcm`` of a person's
+    own naming, put straight into incoming/: the router hands them to the intake, which
+    gives the instances spool names (and moves the junk to error/); without an intake they
+    go to error/ with the reason. None stays invisible in incoming/."""
+    env = Env(tmp_path, '[[rules]]\nname = "all"\nto = ["a"]\n',
+              destinations({"enabled": True, "stable_for": "200ms", "rescan_interval": "1s"}
+                           if intake_on else None))
+    sp = env.spool
+    a, b = make_instance(8, 8), make_instance(8, 8)
+    save(a, sp.incoming / "IM0001")
+    save(b, sp.incoming / "nosidecar.dcm")
+    (sp.incoming / "notes.txt").write_text("hello, these are my notes\n" * 20)
+    status = subprocess.run([*hermes_cmd(), "status", "--json", "-c", str(env.path)],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout)["folders"]["incoming"] == 3  # seen, not hidden
+    intake = DropIntake(sp, env.cfg.intake)
+    stop_intake = threading.Event()
+    th = threading.Thread(target=intake.serve, args=(stop_intake,), daemon=True)
+    with running(env.cfg):
+        if intake_on:
+            intake.start()
+            th.start()
+        try:
+            wait(lambda: not any(p.name != ".gitkeep" for p in sp.incoming.iterdir())
+                 and not any(p.is_file() for p in sp.drop.rglob("*")),
+                 timeout=60, what="incoming/ and drop/ emptied")
+            if intake_on:
+                wait(lambda: len(env.names(sp.outbox("a"))) == 2, timeout=60,
+                     what="both instances routed")
+        finally:
+            stop_intake.set()
+            intake.wakeup.set()
+            if intake_on:
+                th.join(10)
+                intake.stop()
+    errors = {p.name: env.sidecar(sp.error, p.stem) for p in sp.error.glob("*.dcm")}
+    if intake_on:
+        routed = {env.sidecar(sp.outbox("a"), n)["sop_instance_uid"]
+                  for n in env.names(sp.outbox("a"))}
+        assert routed == {a.SOPInstanceUID, b.SOPInstanceUID}
+        assert all(is_name(n) for n in env.names(sp.outbox("a")))  # spool names, always
+        [(_, err)] = errors.items()
+        assert "not DICOM" in err["error"]["reason"]
+        assert err["original_path"].endswith("from-incoming/notes.txt")
+    else:
+        assert len(errors) == 3
+        assert all("put into incoming/ by hand" in e["error"]["reason"] for e in errors.values())
+        assert env.names(sp.outbox("a")) == set()

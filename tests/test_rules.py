@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from hermes_py import dicomfile, rules
 from hermes_py.admin import rules_verbs
-from hermes_py.config import Settings, load, parse
+from hermes_py.config import ConfigError, Settings, load, parse
 from hermes_py.rules import Condition, Rule
 from hermes_py.spool import Spool
 from tests.support.dicomgen import make_instance, save
@@ -457,3 +457,25 @@ quiet_for = "30s"
     assert "CallingAE=CT1" in b_sp
     assert "matched      'from CT1' -> a" in b_sp
     assert "=> a" in b_sp
+
+
+@pytest.mark.timeout(30)
+def test_a_catastrophic_regex_cannot_stall_routing(tmp_path: Path) -> None:
+    """``^(a+)+$`` against 40 a's and a "!": 2**40 steps for a backtracking engine (Python's
+    re froze the router for 37 s at 29 a's); RE2 answers at once."""
+    path = tmp_path / "rules.toml"
+    path.write_text(DESTS + '[[rules]]\nname = "evil"\nto = ["a"]\n'
+                    'match = { PatientName = { regex = "^(a+)+$" } }\n')
+    cfg = load(path)
+    d = rules.evaluate(cfg.rules, {"PatientName": "a" * 40 + "!"})
+    assert d.discard and d.reason == "no rule matched"
+    assert not rules.evaluate(cfg.rules, {"PatientName": "a" * 40}).discard
+
+
+def test_a_regex_re2_cannot_run_linearly_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(DESTS + '[[rules]]\nname = "back"\nto = ["a"]\n'
+                    'match = { PatientName = { regex = "(a)\\\\1" } }\n')
+    with pytest.raises(ConfigError, match=r"invalid escape sequence.*RE2 syntax.*no "
+                                          r"backreferences"):
+        load(path)

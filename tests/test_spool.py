@@ -262,3 +262,31 @@ def test_sync_files_stops_using_syncfs_while_it_is_slow(tmp_path: Path,
     s._syncfs_after = 0.0
     s.sync_files(files)
     assert s._syncfs_after == 0.0
+
+
+def test_a_claim_that_cannot_go_back_is_said_once_not_every_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """A read-only spool fails every return until it is fixed: one line per instance, not
+    one per dispatcher pass (33 per instance before), and the claim goes back after."""
+    import errno
+    s = Spool(tmp_path)
+    s.ensure(["a"])
+    put(s, None, sop="1.2.3", dest="a")
+    w = Worker(s, "a")
+    w.start()
+    [claimed] = [w.claim(p) for p in s.oldest(s.outbox("a"), 10)]
+    assert claimed is not None
+    real_move = Spool.move
+
+    def read_only(*a: object, **k: object) -> Path:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Spool, "move", read_only)
+    for _ in range(5):
+        assert w.return_all() == 0
+    assert sum("cannot return" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(Spool, "move", real_move)
+    assert w.return_all() == 1
+    assert len(list(s.scan(s.outbox("a")))) == 1
+    w.stop()

@@ -8,6 +8,7 @@ and all its children at once, and the teardown never leaves a process behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -133,6 +134,34 @@ def test_children_follow_the_config_two_receivers_no_intake(serve: Serve, tmp_pa
     h.kill_serve()
     wait_for(lambda: not any(alive(p) for p in receivers), 30,
              what="both receivers to exit after serve was killed -9")
+
+
+def _takes_sigterm(pid: int, tid: int) -> bool:
+    """Whether thread ``tid`` of ``pid`` leaves SIGTERM unblocked (the kernel may pick it)."""
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return not int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1))
+    return True
+
+
+@pytest.mark.parametrize("victim", ["receive", "dispatch:pacs"])
+def test_a_sigterm_any_thread_takes_stops_the_stage(router: Hermes, victim: str) -> None:
+    """The kernel hands a process-directed SIGTERM (kill, serve's death) to any thread
+    that does not block it, and CPython runs the handler only in the main thread. A
+    receiver whose main thread waited without a timeout never stopped (it failed CI: a
+    receiver outlived a kill -9 of serve). So: our threads block it, and a thread that
+    still takes it (a native library's) stops the stage within the main thread's wake."""
+    router.start()
+    pid = router.wait_children(CHILDREN)[victim]["pid"]
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    assert others, "every stage runs more than one thread (the log writer at least)"
+    takers = [t for t in others if _takes_sigterm(pid, t)]
+    if not takers:
+        return  # only the main thread can take it: the failure cannot happen
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(234, pid, takers[0], signal.SIGTERM) == 0  # SYS_tgkill, x86_64
+    wait_for(lambda: not alive(pid), 10, what=f"{victim} to stop on a SIGTERM its "
+             f"thread {takers[0]} took")
 
 
 # ---------------------------------------------------------------- restarts and reload

@@ -116,9 +116,16 @@ def send(cfg: Settings, paths: list[Path], progress: bool = True) -> Sent:
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise HermesError(f"no such file or folder: {missing[0]}")
+    root = spool.root.resolve()
+    for p in paths:
+        here = p.resolve()
+        if here == root or root in here.parents or (p.is_dir() and here in root.parents):
+            raise HermesError(f"{p} is the spool or inside it ({spool.root}): sending it "
+                              "would send again every instance it holds; send the files "
+                              "you mean, from outside the spool")
     items = _items(paths)
     spool.tmp.mkdir(exist_ok=True)
-    batch = spool.drop / f"send-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}"
+    batch = spool.send_batch()
     bar = _Progress(len(items), sum(s for _, _, s in items), sys.stderr,
                     progress and sys.stderr.isatty())
     done = done_bytes = 0

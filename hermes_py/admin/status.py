@@ -22,6 +22,7 @@ from typing import Any, TypedDict, cast
 from hermes_py import destinations
 from hermes_py.admin import Result, open_spool
 from hermes_py.config import Settings
+from hermes_py.destination_state import HEARTBEAT_EVERY
 from hermes_py.durations import DAY, human_age
 from hermes_py.lifecycle import DestinationStatus, Stage
 from hermes_py.spool import Flag, Spool, now_iso, parse_iso, received_at
@@ -32,6 +33,9 @@ from hermes_py.spool.names import STAMP_LEN, stamp
 AGE_BUCKETS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 # `drop/` can hold anything a person copied; status counts at most this many files there.
 DROP_COUNT_CAP = 100_000
+# A dispatcher rewrites state/<dest>.json at least every heartbeat: three missed, it is
+# stopped, hung or gone.
+STALE_AFTER = 3 * HEARTBEAT_EVERY
 
 
 class ServeChild(TypedDict, total=False):
@@ -77,6 +81,7 @@ class DestinationRow(TypedDict, total=False):
     last_error: dict[str, Any] | None
     last_success: str | None
     state_updated_at: str | None
+    state_updated_epoch: float | None
 
 
 class Folders(TypedDict):
@@ -189,8 +194,11 @@ def destination_state(spool: Spool, name: str, now: float) -> DestinationRow:
         recorded = DestinationStatus.UNKNOWN
     until = raw.get("backoff_until")
     until_f = float(until) if isinstance(until, int | float) else None
+    updated = parse_iso(raw.get("updated_at"))
     if held:
         verdict = DestinationStatus.HELD
+    elif updated is not None and now - updated > STALE_AFTER:
+        verdict = DestinationStatus.STALLED   # a live dispatcher rewrites it every heartbeat
     elif recorded is DestinationStatus.BACKOFF and until_f is not None and until_f <= now:
         verdict = DestinationStatus.RETRYING   # backoff over, the dispatcher is due to try
     else:
@@ -199,6 +207,7 @@ def destination_state(spool: Spool, name: str, now: float) -> DestinationRow:
         state=str(verdict), reported_state=raw.get("state"), held=held, flush_requested=flush,
         backoff_until=None if until_f is None else now_iso(until_f),
         backoff_until_epoch=until_f, consecutive_failures=raw.get("consecutive_failures"),
+        state_updated_epoch=updated,
         last_error=raw.get("last_error"), last_success=raw.get("last_success"),
         state_updated_at=raw.get("updated_at"))
 
@@ -247,7 +256,9 @@ def snapshot(cfg: Settings, spool: Spool, now: float | None = None,
         serve=read_serve_state(spool), age_buckets_minutes=list(AGE_BUCKETS_MIN),
         destinations=dests,
         folders=Folders(
-            incoming=_count(spool.incoming),
+            # and files put there by hand (the router hands them to the intake)
+            incoming=_count(spool.incoming) + sum(
+                1 for p in spool.misplaced(spool.incoming) if p.suffix not in (".json", ".dcm")),
             pending=sum(_count(p.path) for p in spool.places(Stage.PENDING)),
             drop=drop, drop_capped=drop_capped, error=_count(spool.error_dir()),
             discard=_count(spool.discard)))
@@ -271,6 +282,8 @@ def _state_text(d: DestinationRow, now: float) -> str:
         return "MISCONFIGURED"
     if st == DestinationStatus.UNKNOWN:
         return "no report yet"
+    if st == DestinationStatus.STALLED:
+        return f"STALLED (no report for {human_age(now - (d.get('state_updated_epoch') or now))})"
     if d.get("flush_requested"):
         return f"{st}, flush asked"
     return str(st)

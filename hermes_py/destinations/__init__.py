@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from hermes_py.config import DestinationSettings
-    from hermes_py.destinations.base import Destination, DestinationType
+    from hermes_py.destinations.base import Destination, DestinationType, Workspace
 
 _MODULES = {
     "dicom": "hermes_py.destinations.dicom",
@@ -35,9 +35,12 @@ def type_of(settings: DestinationSettings) -> DestinationType:
     return kind
 
 
-def create(settings: DestinationSettings, label: str = "") -> Destination:
+def create(settings: DestinationSettings, label: str = "",
+           workspace: Workspace | None = None) -> Destination:
     """A new sender for one worker thread (never share them)."""
-    return type_of(settings).create(settings, label)
+    kind = type_of(settings)
+    return kind.create(settings, label) if workspace is None \
+        else kind.create(settings, label, workspace)
 
 
 def describe(settings: DestinationSettings) -> str:

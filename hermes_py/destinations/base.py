@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from hermes_py.config import DestinationSettings, Reader, ReceiverSettings, keys_of
+from hermes_py.config import DestinationSettings, Limits, ReceiverSettings
+from hermes_py.config_reader import Reader, keys_of
 from hermes_py.outcomes import LinkFailure, Result
 
 
@@ -37,6 +38,24 @@ class Item:
     transfer_syntax: str
     study: str = ""
     series: str = ""
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """What the dispatcher lends a destination besides its settings.
+
+    ``scratch`` is the dispatcher's private folder in the spool's tmp/: on the
+    spool's file system (a converted copy never fills another disk unseen), and
+    removed whole by the tmp sweep once its owner is dead, so a conversion
+    killed half-way leaves nothing behind. None (tests, ``hermes-py echo``)
+    means the system temp folder.
+    """
+
+    scratch: Path | None = None
+    max_inflated: int = Limits().max_inflated   # bytes; ``[limits] max_inflated_mb``
+
+
+SYSTEM_TEMP = Workspace()   # no spool at hand: the system temp folder, default limits
 
 
 # Called once per answered instance, as soon as the answer is known, so the
@@ -104,6 +123,7 @@ class DestinationType(ABC):
         """One line that says where it sends (DICOM: ``PACS@10.0.0.9:104 as HERMES``)."""
 
     @abstractmethod
-    def create(self, settings: DestinationSettings, label: str = "") -> Destination:
+    def create(self, settings: DestinationSettings, label: str = "",
+               workspace: Workspace = SYSTEM_TEMP) -> Destination:
         """A new sender (one per worker thread; never share them)."""
 

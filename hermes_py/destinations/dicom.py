@@ -10,15 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hermes_py.config import (
-    AETitle,
-    DestinationSettings,
-    Duration,
-    Port,
-    Reader,
-    ReceiverSettings,
-)
-from hermes_py.destinations.base import Destination, DestinationType
+from hermes_py.config import DestinationSettings, ReceiverSettings
+from hermes_py.config_reader import AETitle, Duration, Port, Reader
+from hermes_py.destinations.base import SYSTEM_TEMP, Destination, DestinationType, Workspace
 from hermes_py.outcomes import Outcome
 
 
@@ -64,9 +58,10 @@ class DicomType(DestinationType):
         s = _dicom(settings)
         return f"{s.ae_title}@{s.host}:{s.port} as {s.calling_ae_title}"
 
-    def create(self, settings: DestinationSettings, label: str = "") -> Destination:
+    def create(self, settings: DestinationSettings, label: str = "",
+               workspace: Workspace = SYSTEM_TEMP) -> Destination:
         from hermes_py.destinations.dicom_scu import DicomDestination
-        return DicomDestination(_dicom(settings), label=label)
+        return DicomDestination(_dicom(settings), label=label, workspace=workspace)
 
 
 def _dicom(settings: DestinationSettings) -> DicomSettings:

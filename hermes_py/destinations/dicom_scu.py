@@ -18,11 +18,21 @@ Why each piece is here:
   destination.
 - An association that drops mid-batch is re-opened and only what was not
   answered is sent again; the instance in flight is a per-instance transient
-  failure (so an instance that kills the peer cannot block the queue head).
+  failure marked ``severed`` (so an instance that kills the peer cannot block the
+  queue head, nor back the destination off). Only when the associations of
+  SEVERED_DISTINCT different instances in a row end that way, with nothing
+  answered between, is it the destination's failure (a peer that aborts
+  everything, or restarts).
+- Memory does not grow with the instance: sends stream from a file (the stored
+  one, or a converted temp copy, see ``negotiation.prepare``) and
+  ``pynetdicom_compat.bound_send_queue`` keeps pynetdicom from queueing the
+  whole file ahead of the socket; a peer that stops reading is cut after
+  ``network_timeout``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -33,13 +43,14 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
 from hermes_py import outcomes, pynetdicom_compat
-from hermes_py.destinations import negotiation
-from hermes_py.destinations.base import Destination, Item, Probe, Report
+from hermes_py.destinations import negotiation, transcode
+from hermes_py.destinations.base import SYSTEM_TEMP, Destination, Item, Probe, Report, Workspace
 from hermes_py.destinations.dicom import DicomSettings
 from hermes_py.outcomes import LinkFailure, LinkKind, Outcome, Result
 
@@ -51,13 +62,21 @@ MAX_PDU = 262144
 # This many transient statuses in a row on one association = the destination is busy as a
 # whole (disk full, database down): back it off instead of cycling the backlog through it.
 TRANSIENT_RUN = 3
+# Different instances whose sends ended their association, with nothing answered since:
+# this many and the destination, not the instances, is failing.
+SEVERED_DISTINCT = 2
 
 
 class DicomDestination(Destination):
     """C-STORE to one ``[destinations.NAME]``; see the module docstring."""
 
-    def __init__(self, settings: DicomSettings, label: str = ""):
+    def __init__(self, settings: DicomSettings, label: str = "",
+                 workspace: Workspace = SYSTEM_TEMP):
         pynetdicom_compat.configure_sending()
+        # Where conversions write their temp copy (the spool's file system) and the
+        # inflate cap; from the configuration.
+        self.workspace = workspace
+        self._gate: pynetdicom_compat.SendGate | None = None
         self.settings = settings
         self.name = settings.name
         self.label = label or settings.name
@@ -70,6 +89,8 @@ class DicomDestination(Destination):
         self._associations = 0
         self._assoc_label = ""
         self._last_rejected: list[PresentationContext] = []
+        # SOP Instance UIDs whose send ended the association since the last answer.
+        self._severed: set[str] = set()
 
     # ------------------------------------------------------------ the batch
 
@@ -178,6 +199,7 @@ class DicomDestination(Destination):
         if assoc.is_established:
             pynetdicom_compat.set_nodelay(assoc)
             pynetdicom_compat.return_stolen_responses(assoc)
+            self._gate = pynetdicom_compat.bound_send_queue(assoc, s.network_timeout)
             return assoc, None
         waited = time.monotonic() - t0
         self._last_rejected = list(assoc.rejected_contexts)
@@ -262,51 +284,71 @@ class DicomDestination(Destination):
                 return LinkFailure(LinkKind.ABORTED, "the association ended before any "
                                                      "instance was answered")
             item = pending[0]
-            try:
-                choice = negotiation.choose(assoc.accepted_contexts, assoc.rejected_contexts,
-                                            item.sop_class_uid, item.transfer_syntax)
-                payload = negotiation.prepare(item.path, choice)
-            except negotiation.Unsendable as e:
-                settle(Result(Outcome.PERMANENT, str(e)))
-                continue
-            except (OSError, InvalidDicomError, ValueError, AttributeError, EOFError) as e:
-                settle(Result(Outcome.PERMANENT, f"cannot read the instance file: "
-                                                 f"{type(e).__name__}: {e}"))
-                continue
-            msg_id = msg_id % 65535 + 1
-            t0 = time.monotonic()
-            try:
-                status, delivered_as = self._store(assoc, payload, choice, msg_id)
-            except negotiation.Unsendable as e:
-                settle(Result(Outcome.PERMANENT, str(e)))
-                continue
-            except RuntimeError as e:
-                if not assoc.is_established:
-                    continue  # the association is gone; the loop head decides
-                settle(Result(Outcome.PERMANENT, f"cannot send: {e}"))
-                continue
-            except (OSError, EOFError) as e:
-                # Reading our own file failed while streaming it: half a message may be on
-                # the wire, so this association is unusable; the rest goes on a new one.
-                answered += 1  # handled: not the destination's fault
-                settle(Result(Outcome.PERMANENT, f"cannot read the instance file while "
-                                                 f"sending it: {type(e).__name__}: {e}"))
-                assoc.abort()
-                continue
+            with contextlib.ExitStack() as temps:   # a converted copy lives until answered
+                try:
+                    choice = negotiation.choose(assoc.accepted_contexts,
+                                                assoc.rejected_contexts,
+                                                item.sop_class_uid, item.transfer_syntax)
+                    payload = temps.enter_context(
+                        negotiation.prepare(item.path, choice, self.workspace))
+                except negotiation.Unsendable as e:
+                    settle(Result(Outcome.PERMANENT, str(e)))
+                    continue
+                except transcode.TempSpaceError as e:
+                    settle(Result(Outcome.TRANSIENT, str(e)))
+                    continue
+                except (OSError, InvalidDicomError, ValueError, AttributeError, EOFError) as e:
+                    settle(Result(Outcome.PERMANENT, f"cannot read the instance file: "
+                                                     f"{type(e).__name__}: {e}"))
+                    continue
+                msg_id = msg_id % 65535 + 1
+                t0 = time.monotonic()
+                try:
+                    status, delivered_as = self._store(assoc, payload, choice, msg_id, temps)
+                except negotiation.Unsendable as e:
+                    settle(Result(Outcome.PERMANENT, str(e)))
+                    continue
+                except transcode.TempSpaceError as e:
+                    settle(Result(Outcome.TRANSIENT, str(e)))
+                    continue
+                except RuntimeError as e:
+                    if not assoc.is_established:
+                        continue  # the association is gone; the loop head decides
+                    settle(Result(Outcome.PERMANENT, f"cannot send: {e}"))
+                    continue
+                except (OSError, EOFError) as e:
+                    # Reading our own file failed while streaming it: half a message may be
+                    # on the wire, so this association is unusable; the rest goes on a new one.
+                    answered += 1  # handled: not the destination's fault
+                    settle(Result(Outcome.PERMANENT, f"cannot read the instance file while "
+                                                     f"sending it: {type(e).__name__}: {e}"))
+                    assoc.abort()
+                    continue
             if not status:
                 waited = time.monotonic() - t0
-                if s.dimse_timeout and waited >= s.dimse_timeout * 0.9:
+                if self._gate is not None and self._gate.stalled:
+                    kind = LinkKind.DIMSE_TIMEOUT
+                    why = (f"the peer stopped reading the data set for network_timeout "
+                           f"({s.network_timeout:g}s); connection closed")
+                elif s.dimse_timeout and waited >= s.dimse_timeout * 0.9:
                     kind = LinkKind.DIMSE_TIMEOUT
                     why = f"no C-STORE response within dimse_timeout ({s.dimse_timeout:g}s)"
                 else:
-                    kind = LinkKind.ABORTED
                     why = "the association was aborted or the connection lost during the send"
+                    self._severed.add(item.sop_instance_uid)
+                    settle(Result(Outcome.TRANSIENT, why, severed=True))
+                    if len(self._severed) < SEVERED_DISTINCT:
+                        return None           # blamed on the instance: go on with the rest
+                    n, self._severed = len(self._severed), set()
+                    return LinkFailure(LinkKind.ABORTED, f"{why}, for {n} different instances "
+                                                         "in a row")
                 settle(Result(Outcome.TRANSIENT, why))
                 return None if answered else LinkFailure(kind, why)
             res = outcomes.from_status(int(status.Status), s.status_classes,
                                        error_comment=str(status.get("ErrorComment", "") or ""),
                                        delivered_as=delivered_as)
             answered += 1
+            self._severed.clear()
             settle(res)
             if res.outcome is Outcome.TRANSIENT:
                 transient_run += 1
@@ -318,25 +360,57 @@ class DicomDestination(Destination):
         return None
 
     def _store(self, assoc: Association, payload: Path | Dataset, choice: negotiation.Choice,
-               msg_id: int) -> tuple[Dataset, str]:
-        """One C-STORE; a file pynetdicom cannot stream is re-read and sent as a Dataset."""
+               msg_id: int, temps: contextlib.ExitStack) -> tuple[Dataset, str]:
+        """One C-STORE; a file pynetdicom cannot stream as is is rewritten and streamed.
+
+        The fallback used to ``dcmread`` the whole file (with a deflated one, that
+        inflates it in memory, ``pydicom/filereader.py:897-903``); now only the
+        small elements are read to choose a context, and the copy goes through
+        a temp file (``temps`` removes it after the answer). Only decompression
+        still builds a Dataset.
+        """
         if isinstance(payload, Path):
             try:
                 return assoc.send_c_store(payload, msg_id=msg_id), choice.transfer_syntax
             except (ValueError, AttributeError, InvalidDicomError) as e:
                 # Raised before anything is sent: no preamble/meta, or a meta transfer syntax
-                # that disagrees with the sidecar's. Read the file properly and convert.
-                LOG.debug("streaming %s failed (%s); sending it decoded", payload, e)
-                ds = dcmread(payload, force=True)
-                meta = getattr(ds, "file_meta", None)
-                ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-                if not ts:
-                    raise negotiation.Unsendable(
-                        "the file has no transfer syntax in its meta header") from e
-                choice = negotiation.choose(assoc.accepted_contexts, assoc.rejected_contexts,
-                                            str(ds.get("SOPClassUID", "")), ts)
-                payload = negotiation.convert(ds, choice)
+                # that disagrees with the sidecar's.
+                LOG.debug("streaming %s failed (%s); rewriting it", payload, e)
+                payload, choice = self._fallback(assoc, payload, temps, e)
         try:
             return assoc.send_c_store(payload, msg_id=msg_id), choice.transfer_syntax
         except (ValueError, AttributeError) as e:
             raise negotiation.Unsendable(f"cannot send: {e}") from e
+
+    def _fallback(self, assoc: Association, path: Path, temps: contextlib.ExitStack,
+                  cause: Exception) -> tuple[Path | Dataset, negotiation.Choice]:
+        """What to send for a file whose own meta pynetdicom could not stream from."""
+        meta0: Dataset = Dataset()
+        with contextlib.suppress(Exception):   # no preamble: dcmread(force=True) below
+            meta0 = transcode.read_meta(path)[0]
+        stored = str(meta0.get("TransferSyntaxUID", "") or "")
+        if stored == DeflatedExplicitVRLittleEndian:
+            # Never dcmread a deflated file (whole-file inflate); its meta is readable,
+            # so choose by it and convert by streaming like any other.
+            sop = str(meta0.get("MediaStorageSOPClassUID", "") or "")
+            choice = negotiation.choose(assoc.accepted_contexts, assoc.rejected_contexts,
+                                        sop, stored)
+            return temps.enter_context(negotiation.prepare(path, choice, self.workspace)), choice
+        try:
+            ds = dcmread(path, force=True, defer_size=transcode.DEFER_SIZE)  # small values
+        except (InvalidDicomError, ValueError, EOFError, AttributeError) as e:
+            raise negotiation.Unsendable(f"cannot read the instance file: "
+                                         f"{type(e).__name__}: {e}") from cause
+        meta = getattr(ds, "file_meta", None)
+        ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+        if not ts:
+            raise negotiation.Unsendable(
+                "the file has no transfer syntax in its meta header") from cause
+        choice = negotiation.choose(assoc.accepted_contexts, assoc.rejected_contexts,
+                                    str(ds.get("SOPClassUID", "")), ts)
+        target = choice.transfer_syntax
+        if choice.mode is negotiation.Mode.DECOMPRESS or target not in negotiation.UNCOMPRESSED:
+            # Decompression (and a compressed file with a broken meta) still go via a
+            # Dataset: the whole file in memory.
+            return negotiation.convert(dcmread(path, force=True), choice), choice
+        return temps.enter_context(negotiation.rewrite(path, target, self.workspace)), choice

@@ -17,25 +17,41 @@ an Explicit LE file offered only as [Explicit, Implicit] may be answered
 A peer may be offered at most 128 contexts; we stop at ``MAX_CONTEXTS`` and the
 instances that would need more go on the next association.
 
-When only the fallback was accepted: Explicit <-> Implicit (and deflated) is
-re-encoding that pynetdicom does from a Dataset; JPEG / JPEG-LS / JPEG 2000 / RLE
-are decompressed with pydicom (the pylibjpeg plugins are the ``codecs`` extra),
-keeping the SOP Instance UID. Anything else cannot be converted: that is a
-permanent failure for that instance at that destination, naming the syntax.
+When only the fallback was accepted: Explicit <-> Implicit is re-encoded and a
+deflated file inflated, file to file (``transcode``: bounded memory whatever the
+size, a cap on the inflated size), and the temp file streamed like a stored one;
+JPEG / JPEG-LS / JPEG 2000 / RLE are decompressed with pydicom (the pylibjpeg
+plugins are the ``codecs`` extra), keeping the SOP Instance UID. Anything else
+cannot be converted: that is a permanent failure for that instance at that
+destination, naming the syntax.
+
+A deflated file sent as stored must have an even-length deflate stream (PS3.5
+A.5; PS3.8 Annex E wants even PDVs and DCMTK aborts on an odd one); one that
+does not is sent from a padded copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom.presentation import PresentationContext, build_context
+
+from hermes_py.destinations import transcode
+from hermes_py.destinations.base import SYSTEM_TEMP, Workspace
+from hermes_py.spool.tempfiles import scratch_file
 
 # 128 is the hard limit (context IDs 1..255, odd); keep a margin for peers that
 # count differently.
@@ -184,15 +200,66 @@ def decodable(ts: str) -> bool:
         return False
 
 
-def prepare(path: Path, choice: Choice) -> Path | Dataset:
-    """What to hand to ``send_c_store``: the path (streamed) or a Dataset to encode.
+@contextlib.contextmanager
+def prepare(path: Path, choice: Choice, workspace: Workspace = SYSTEM_TEMP
+            ) -> Iterator[Path | Dataset]:
+    """What to hand to ``send_c_store``: a path to stream, or (decompression) a Dataset.
 
-    Raises Unsendable when the file cannot be converted; the message names the
-    transfer syntax and what failed.
+    A context manager because a conversion writes a temp file, removed on exit.
+    The path is the stored file itself when it can go as is. Raises Unsendable
+    when the file cannot be converted (the message names the transfer syntax and
+    what failed), transcode.TempSpaceError when the temp file does not fit.
     """
-    if choice.mode is Mode.AS_STORED:
-        return path
-    return convert(dcmread(path, force=True), choice)
+    with contextlib.ExitStack() as stack:
+        if choice.mode is Mode.AS_STORED:   # choice's syntax is the stored one
+            if choice.transfer_syntax == DeflatedExplicitVRLittleEndian \
+                    and transcode.dataset_length(path)[1] % 2:
+                padded = stack.enter_context(scratch_file(workspace.scratch))
+                transcode.pad_to_even(path, padded)
+                yield padded
+            else:
+                yield path
+            return
+        if choice.mode is Mode.REENCODE:
+            out = stack.enter_context(scratch_file(workspace.scratch))
+            if _stored_syntax(path) != DeflatedExplicitVRLittleEndian:
+                _refusing(transcode.reencode_to_file, path, out, choice.transfer_syntax)
+            elif choice.transfer_syntax == ExplicitVRLittleEndian:
+                _refusing(transcode.inflate_to_file, path, out, workspace.max_inflated)
+            else:   # the inflated copy goes as soon as the re-encoded one is written
+                with scratch_file(workspace.scratch) as inflated:
+                    _refusing(transcode.inflate_to_file, path, inflated, workspace.max_inflated)
+                    _refusing(transcode.reencode_to_file, inflated, out, choice.transfer_syntax)
+            yield out
+            return
+        yield convert(dcmread(path, force=True), choice)
+
+
+@contextlib.contextmanager
+def rewrite(path: Path, transfer_syntax: str, workspace: Workspace = SYSTEM_TEMP) -> Iterator[Path]:
+    """A temp Part-10 copy of ``path`` (any LE uncompressed file, even without a meta)
+    in ``transfer_syntax`` with a fresh file meta: the fallback for a file pynetdicom
+    cannot stream as is (no preamble, meta missing UIDs, meta disagreeing)."""
+    with scratch_file(workspace.scratch) as out:
+        _refusing(transcode.reencode_to_file, path, out, transfer_syntax)
+        yield out
+
+
+def _stored_syntax(path: Path) -> str:
+    try:
+        meta, _ = transcode.read_meta(path)
+    except Exception:  # no preamble / meta: the caller's fallback handles it
+        return ""
+    return str(meta.get("TransferSyntaxUID", "") or "")
+
+
+def _refusing(fn: Callable[..., object], *args: object) -> None:
+    """Run a transcode step; its refusals become Unsendable, naming the step."""
+    try:
+        fn(*args)
+    except transcode.ConversionRefused as e:
+        step = "inflate" if fn is transcode.inflate_to_file else "re-encode"
+        raise Unsendable(f"cannot {step} for this destination: {e}") from e
 
 
 def convert(ds: Dataset, choice: Choice) -> Dataset:

@@ -38,6 +38,7 @@ class Worker:
         base = spool.folder(Stage.ACTIVE, dest)
         self.dir = base / self.id
         self._lock = Lock(base / f"{self.id}{LOCK_SUFFIX}")
+        self._stuck: set[str] = set()  # claims that could not go back (said once each)
 
     def start(self) -> None:
         if not self._lock.acquire(blocking=False):
@@ -76,11 +77,16 @@ class Worker:
             try:
                 self.unclaim(Path(e.path))
                 returned += 1
+                self._stuck.discard(e.name)
             except FileNotFoundError:
                 continue
-            except OSError:
-                LOG.exception("destination %s: cannot return %s to the outbox", self.dest,
-                              e.path)
+            except OSError as err:
+                # A read-only or full spool fails every try until it is fixed: say it once
+                # per instance (the claim stays, and goes back when it can).
+                if e.name not in self._stuck:
+                    self._stuck.add(e.name)
+                    LOG.error("destination %s: cannot return %s to the outbox (%s); it stays "
+                              "claimed until it can", self.dest, e.name, err)
         return returned
 
     @staticmethod

@@ -22,7 +22,20 @@ JSON = ".json"
 STAMP_LEN = 22
 _RANDOM_LEN = 8
 _UNSAFE = re.compile(r"[^0-9A-Za-z.]")
+# drop/ folders the spool fills itself, by rename only: ``hermes-py send``'s batches
+# (``send-<time>-<random>``) and the router's hand-back of files a person put into
+# incoming/. A file in them is whole when it appears, so the intake never waits for
+# more of it (inotify cannot say so for a file renamed into a folder it has not
+# started watching yet).
+SEND_BATCH = "send-"
+FROM_INCOMING = "from-incoming"
 _NAME_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}_[0-9A-Za-z._]{1,64}_[0-9a-f]{8}$")
+
+
+def deposited(rel: str) -> bool:
+    """Whether a path relative to drop/ lies in a folder only the spool writes to."""
+    top, sep, _ = rel.partition(os.sep)
+    return bool(sep) and (top == FROM_INCOMING or top.startswith(SEND_BATCH))
 
 
 def sanitize(value: str | bytes | None, limit: int = 64, empty: str = "unknown") -> str:

@@ -11,6 +11,7 @@ disk: the types say what the stages write, readers still check what they get.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict, cast
 
@@ -59,6 +60,13 @@ class Discard(TypedDict, total=False):
 LastError = TypedDict("LastError", {
     "at": str, "class": str, "status": str | None, "reason": str, "detail": str,
 }, total=False)
+
+
+class Scope(enum.StrEnum):
+    """``history[].scope``: what a failed attempt is blamed on, when not the instance's status."""
+
+    DESTINATION = "destination"   # the destination failed as a whole; the batch never got its turn
+    SEVERED = "severed"           # the association ended while this instance was on the wire
 
 
 class Attempt(TypedDict, total=False):

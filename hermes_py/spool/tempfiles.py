@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -97,3 +99,19 @@ class SpoolTempFile:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         return True
+
+
+@contextlib.contextmanager
+def scratch_file(folder: Path | None, suffix: str = DCM) -> Iterator[Path]:
+    """A fresh empty file in ``folder`` (a stage's private tmp folder; None: the system
+    temp folder), removed on exit whatever happened: a converted copy of an instance
+    lives exactly as long as its send. A kill -9 leaves it to ``sweep_tmp``."""
+    fd, name = tempfile.mkstemp(prefix="hermes-conv-", suffix=suffix,
+                                dir=os.fspath(folder) if folder else None)
+    os.close(fd)
+    path = Path(name)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

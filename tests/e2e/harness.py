@@ -39,7 +39,7 @@ def config(destinations: Sequence[Dest], *, rules: str | None = None,
         receiver=receiver(max_associations=10),
         spool={"path": str(spool_dir or "spool"), "min_free_mb": 0, "keep_success": "1d",
                "keep_discard": "1d"},
-        intake={"stable_for": "1s", "rescan_interval": "1s"},
+        intake={"stable_for": "1s", "rescan_interval": "1s", "incomplete_after": "3s"},
         retry={"initial_delay": "300ms", "max_delay": "2s", "give_up_after": "1d"})
     for name, values in tables.items():
         table = getattr(cfg, name)

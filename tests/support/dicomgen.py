@@ -8,7 +8,9 @@ JPEG 2000, JPEG-LS, RLE) with fresh UIDs, so their pixel data is real codec outp
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -82,6 +84,24 @@ def make_instance(
     meta.TransferSyntaxUID = transfer_syntax
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
+    return ds
+
+
+def big_image(path: Path, mib: int, **kw: object) -> Dataset:
+    """A 16-bit image of about ``mib`` MiB at ``path``, its Pixel Data written in 1 MiB
+    pieces (never whole in memory, here or in pydicom); returns its header."""
+    side = math.isqrt(mib * 1024 * 1024 // 2) & ~1
+    ds = make_instance(2, 2, **kw)  # type: ignore[arg-type]
+    ds.Rows = ds.Columns = side
+    del ds.PixelData
+    save(ds, path)
+    remaining = side * side * 2
+    chunk = bytes(range(256)) * 4096
+    with open(path, "ab") as f:
+        f.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, remaining))
+        while remaining:
+            n = f.write(chunk[:remaining])
+            remaining -= n
     return ds
 
 
@@ -176,3 +196,51 @@ def uid_of(path: Path) -> str:
 def iter_uids(paths: list[Path]) -> Iterator[str]:
     for p in paths:
         yield uid_of(p)
+
+
+def deflate_bomb(path: Path, inflated: int, sop_uid: str | None = None) -> Path:
+    """A Deflated Explicit VR LE Part-10 file whose Pixel Data (OB) inflates to ``inflated``
+    zero bytes: a few MB on disk for GBs inflated. Written in pieces, never held whole."""
+    import struct
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.PatientID = "BOMB"
+    ds.Rows = ds.Columns = 1
+    ds.SamplesPerPixel = 1
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    head = DicomBytesIO()
+    write_file_meta_info(head, meta)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM" + head.getvalue())
+        f.write(c.compress(body.getvalue() + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0,
+                                                         inflated)))
+        zeros = bytes(1 << 24)
+        left = inflated
+        while left > 0:
+            f.write(c.compress(zeros[:min(left, len(zeros))]))
+            left -= len(zeros)
+        f.write(c.flush())
+    return path

@@ -132,6 +132,8 @@ class Script:
     ``reject`` = (result, source, reason) rejects every association (e.g. (1,1,7)
     permanent "called AE not recognised", (2,3,2) transient);
     ``abort_after`` aborts the association when that many stores arrived on it;
+    ``abort_on`` aborts it whenever one of these SOP Instance UIDs arrives (a data set
+    the peer chokes on);
     ``delay`` sleeps before answering; ``transfer_syntaxes``/``sop_classes`` limit
     what is accepted (None = everything).
     """
@@ -140,6 +142,7 @@ class Script:
     default_status: int = 0x0000  # what is answered once ``statuses`` is used up
     reject: tuple[int, int, int] | None = None
     abort_after: int | None = None
+    abort_on: frozenset[str] = frozenset()
     delay: float = 0.0
     transfer_syntaxes: Sequence[str] | None = None
     sop_classes: Sequence[str] | None = None
@@ -237,7 +240,8 @@ class ScriptedSCP:
         key = id(event.assoc)
         with self._lock:
             n = self._per_assoc[key] = self._per_assoc.get(key, 0) + 1
-            if self.script.abort_after is not None and n > self.script.abort_after:
+            if self.script.abort_after is not None and n > self.script.abort_after \
+                    or str(event.request.AffectedSOPInstanceUID) in self.script.abort_on:
                 abort = True
             else:
                 abort = False

@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[codecs]'
+	$(BIN)/pip install --quiet -e '.[codecs,web]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python

@@ -49,9 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     d = add("dispatch", "run only the dispatcher of one destination")
     d.add_argument("name", help="destination name from rules.toml")
     add("clean", "run only the cleaner (old success/ and discard/ entries, stale temp files)")
+    add("web", "run only the web page and HTTP API ([web] in rules.toml)")
+    add("alert", "run only the alert watcher and sender ([alerts] in rules.toml)")
 
     s = add("status", "queues per destination, counts per folder, free space")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--spools", metavar="A,B", help="several routers' spools at once "
+                                                  "(read-only; this rules.toml's destinations)")
     f = add("find", "where every instance of a study/series/SOP Instance UID is, and its history")
     f.add_argument("uid")
     f.add_argument("--json", action="store_true")
@@ -75,9 +79,36 @@ def _parser() -> argparse.ArgumentParser:
     ge = e.add_mutually_exclusive_group(required=True)
     ge.add_argument("name", nargs="?")
     ge.add_argument("--all", action="store_true")
+    add("drain", "refuse new associations (transient) while the queues empty: out of rotation")
+    add("undrain", "accept new associations again")
+    rs = add("resend", "queue copies of instances still in the spool for a destination")
+    rs.add_argument("names", nargs="*", metavar="NAME",
+                    help="spool names or SOP Instance UIDs")
+    rs.add_argument("--to", required=True, metavar="DEST", help="the destination to send to")
+    gr = rs.add_mutually_exclusive_group()
+    gr.add_argument("--study", metavar="UID", help="every instance of this study")
+    gr.add_argument("--series", metavar="UID", help="every instance of this series")
+    rs.add_argument("--from", dest="source", metavar="DEST",
+                    help="only copies held for this destination (delivered, failed, queued)")
     sd = add("send", "put files and folders into the spool safely (works with serve stopped)")
     sd.add_argument("paths", nargs="+", type=Path)
     sd.add_argument("--no-progress", action="store_true")
+
+    users = sub.add_parser("user", help="web users: add, passwd, del, list, token")
+    usub = users.add_subparsers(dest="user_verb", required=True, metavar="VERB")
+    ua = usub.add_parser("add", parents=[common], help="add a web user (password asked for)")
+    ua.add_argument("user", metavar="NAME")
+    ua.add_argument("--role", required=True, choices=["admin", "viewer"])
+    for uv, uhelp in (("passwd", "set a web user's password (ends their sessions)"),
+                      ("del", "delete a web user (ends their sessions, revokes their tokens)"),
+                      ("token", "print a new API token for a web user (stored hashed)")):
+        usub.add_parser(uv, parents=[common], help=uhelp).add_argument("user", metavar="NAME")
+    usub.add_parser("list", parents=[common], help="list the web users")
+
+    alerts = sub.add_parser("alerts", help="alert channels: test")
+    asub = alerts.add_subparsers(dest="alerts_verb", required=True, metavar="VERB")
+    asub.add_parser("test", parents=[common],
+                    help="send a test alert to every channel and print each answer")
 
     rules = sub.add_parser("rules", help="check or dry-run rules.toml")
     rsub = rules.add_subparsers(dest="rules_verb", required=True, metavar="VERB")
@@ -108,6 +139,16 @@ def _run(args: argparse.Namespace, cfg: Settings) -> int:
     if v == "clean":
         from hermes_py import cleaner
         return cleaner.run(cfg)
+    if v == "web":
+        from hermes_py.web import app
+        return app.run(cfg)
+    if v == "alert":
+        from hermes_py import alerts
+        return alerts.run(cfg)
+    if v == "user":
+        from hermes_py.web import users
+        return users.cli(cfg, args.user_verb, getattr(args, "user", None),
+                         getattr(args, "role", None))
     name = getattr(args, "name", None)
     if name and v in ("retry", "hold", "release", "flush", "echo", "purge") \
             and name not in cfg.destinations:
@@ -129,7 +170,12 @@ def _admin(args: argparse.Namespace, cfg: Settings) -> Result:
             return rules_verbs.check(cfg)
         return rules_verbs.dry_run(cfg, args.files)
     if v == "status":
+        if args.spools:
+            return status.statuses(cfg, [p for p in args.spools.split(",") if p])
         return status.status(cfg)
+    if v == "alerts":
+        from hermes_py.admin import alerts
+        return alerts.test(cfg)
     if v == "find":
         return find.find(cfg, args.uid)
     if v == "retry":
@@ -145,6 +191,13 @@ def _admin(args: argparse.Namespace, cfg: Settings) -> Result:
                            older_than=args.older_than, everything=args.all, yes=args.yes)
     if v == "send":
         return send.send(cfg, args.paths, progress=not args.no_progress)
+    if v in ("drain", "undrain"):
+        from hermes_py.admin import drain
+        return drain.drain(cfg) if v == "drain" else drain.undrain(cfg)
+    if v == "resend":
+        from hermes_py.admin import resend
+        return resend.resend(cfg, args.to, args.names, study=args.study, series=args.series,
+                             source=args.source)
     raise HermesError(f"unknown verb {v!r}")
 
 
@@ -196,6 +249,8 @@ def load_config(path: Path) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     verb = args.verb if args.verb != "rules" else f"rules-{args.rules_verb}"
+    verb = verb if verb != "user" else f"user-{args.user_verb}"
+    verb = verb if verb != "alerts" else f"alerts-{args.alerts_verb}"
     log.setup(args.log_level, args.log_format,
               process=verb + (f":{args.name}" if verb == "dispatch" else ""))
     if process.supervised():

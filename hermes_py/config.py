@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from hermes_py import destinations
+from hermes_py.coerce import Coercion
+from hermes_py.coerce import parse as parse_coercion
+from hermes_py.config_alerts import AlertSettings, parse_alerts
 from hermes_py.config_reader import (
     AE_RE,
     AETitle,
@@ -33,10 +36,13 @@ from hermes_py.config_reader import (
     keys_of,
 )
 from hermes_py.config_rules import parse_rule
+from hermes_py.config_web import WebSettings, parse_web
 from hermes_py.durations import parse_duration
 from hermes_py.errors import HermesError
+from hermes_py.failover_policy import FailoverMode, FailoverPolicy
 from hermes_py.rules import Rule
 from hermes_py.spool import Spool
+from hermes_py.tls import ReceiverTLS, parse_receiver
 
 __all__ = ["AETitle", "ConfigError", "DestinationSettings", "Duration", "IntakeSettings",
            "Limits", "Port", "Reader", "ReceiverSettings", "RetryPolicy", "Settings",
@@ -68,6 +74,7 @@ class ReceiverSettings:
     acse_timeout: Duration = 30.0
     dimse_timeout: Duration = 60.0
     network_timeout: Duration = 120.0
+    tls: ReceiverTLS | None = None   # [receiver.tls]: a TLS listener beside the plain port
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,28 @@ class DestinationSettings:
     max_associations: int = 1
     # Instances per batch (for DICOM: per association, then release and re-associate).
     batch_size: int = 200
+    # Another destination that takes this one's work when it stays down (failover.py).
+    failover_to: str = ""
+    failover_mode: str = ""               # "divert" or "copy": the admin must choose
+    failover_after: Duration = 900.0      # unreachable or misconfigured without a break
+    failback_after: Duration = 120.0      # reachable without a break before work returns
+    # [destinations.NAME.coerce]: header edits in this destination's copy only (coerce.py)
+    coerce: Coercion | None = None
+
+    @property
+    def failover(self) -> FailoverPolicy | None:
+        if not self.failover_to:
+            return None
+        return FailoverPolicy(self.failover_to, FailoverMode(self.failover_mode),
+                              self.failover_after, self.failback_after)
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """``[health]``: ``GET /healthz`` for a load balancer (health.py); off without a port."""
+
+    port: Port = 0
+    bind: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -131,6 +160,9 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     metrics_port: int | None = None
     metrics_bind: str = "127.0.0.1"
+    web: WebSettings = field(default_factory=WebSettings)
+    health: HealthSettings = field(default_factory=lambda: HealthSettings())
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def destination(self, name: str) -> DestinationSettings:
         """The settings of destination ``name``, or the one-line error every verb gives."""
@@ -166,13 +198,16 @@ def _parse_receiver(p: Reader, rd: Mapping[str, Any]) -> ReceiverSettings:
     for a in aets:
         if not isinstance(a, str) or not AE_RE.match(a):
             raise p.err(table, "allowed_calling_aets", f"invalid AE title {a!r}")
-    receiver = ReceiverSettings(allowed_calling_aets=tuple(a.strip() for a in aets),
+    tls = parse_receiver(p, (*table, "tls"), rd["tls"]) if "tls" in rd else None
+    receiver = ReceiverSettings(allowed_calling_aets=tuple(a.strip() for a in aets), tls=tls,
                                 **p.fields(table, rd, ReceiverSettings,
-                                           skip=("allowed_calling_aets",)))
+                                           skip=("allowed_calling_aets", "tls")))
     p.at_least_one(table, "max_associations", receiver.max_associations)
     p.at_least_one(table, "processes", receiver.processes)
     if receiver.max_pdu_size != 0 and receiver.max_pdu_size < 4096:
         raise p.err(table, "max_pdu_size", "must be at least 4096 (262144 recommended)")
+    if tls is not None and tls.port == receiver.port:
+        raise p.err((*table, "tls"), "port", f"must differ from [receiver] port {receiver.port}")
     return receiver
 
 
@@ -241,15 +276,49 @@ def _parse_destination(p: Reader, name: str, data: Any, retry: RetryPolicy,
     p.check_keys(table, data, COMMON_DEST_KEYS | kind.keys())
     common: dict[str, Any] = {
         "name": name, "type": dtype, "retry": _parse_retry(p, table, data, retry),
-        **p.fields(table, data, DestinationSettings, skip=("name", "type", "retry"))}
+        "coerce": parse_coercion(p, table, data["coerce"]) if "coerce" in data else None,
+        **p.fields(table, data, DestinationSettings, skip=("name", "type", "retry", "coerce"))}
     settings = kind.parse(p, table, data, common, receiver)
     p.at_least_one(table, "max_associations", settings.max_associations)
     p.at_least_one(table, "batch_size", settings.batch_size)
+    if settings.failover_to:
+        modes = ", ".join(repr(str(m)) for m in FailoverMode)
+        if not settings.failover_mode:
+            raise p.err(table, "failover_mode", f"missing: with failover_to, choose {modes} "
+                                                "(divert: another path to the same archive, "
+                                                "instances move; copy: a backup site that gets "
+                                                "them too)", line_key="failover_to")
+        if settings.failover_mode not in set(FailoverMode):
+            raise p.err(table, "failover_mode", f"expected one of {modes}, "
+                                                f"got {settings.failover_mode!r}")
+        p.positive(table, "failover_after", settings.failover_after)
+    elif settings.failover_mode:
+        raise p.err(table, "failover_mode", "needs failover_to (the backup destination)")
     return settings
 
 
+def _check_failover(p: Reader, dests: Mapping[str, DestinationSettings]) -> None:
+    """One level deep: a known backup, not itself, and a backup that has no backup of its own
+    (which also rules out cycles)."""
+    for name, d in dests.items():
+        if not d.failover_to:
+            continue
+        table: tuple[str | int, ...] = ("destinations", name)
+        backup = dests.get(d.failover_to)
+        if backup is None:
+            known = ", ".join(sorted(n for n in dests if n != name)) or "none"
+            raise p.err(table, "failover_to", f"unknown destination {d.failover_to!r} "
+                                              f"(defined: {known})")
+        if backup.name == name:
+            raise p.err(table, "failover_to", "a destination cannot fail over to itself")
+        if backup.failover_to:
+            raise p.err(table, "failover_to", f"{backup.name!r} fails over to "
+                                              f"{backup.failover_to!r} itself: failover is one "
+                                              "level deep (a backup has no backup)")
+
+
 _TOP_KEYS = {"receiver", "spool", "retry", "destinations", "rules", "intake", "limits",
-             "metrics"}
+             "metrics", "web", "health", "alerts"}
 _METRICS_KEYS = {"port", "bind"}
 
 
@@ -263,7 +332,8 @@ def parse(text: str, path: Path) -> Settings:
         raise ConfigError(path, "", f"not valid TOML: {e}", line) from None
     p = Reader(path, text)
     p.check_keys((), data, _TOP_KEYS)
-    for t in ("receiver", "spool", "retry", "destinations", "intake", "limits", "metrics"):
+    for t in ("receiver", "spool", "retry", "destinations", "intake", "limits", "metrics",
+              "web", "health", "alerts"):
         if t in data and not isinstance(data[t], dict):
             raise p.err((), t, f"expected a table [{t}]")
     receiver = _parse_receiver(p, data.get("receiver", {}))
@@ -275,6 +345,7 @@ def parse(text: str, path: Path) -> Settings:
     dests = {name: _parse_destination(p, name, dd, retry, receiver)
              for name, dd in data.get("destinations", {}).items()}
     _check_folders(p, dests)
+    _check_failover(p, dests)
     rules_raw = data.get("rules", [])
     if not isinstance(rules_raw, list):
         raise p.err((), "rules", "write rules as [[rules]] tables")
@@ -286,7 +357,15 @@ def parse(text: str, path: Path) -> Settings:
     return Settings(path=path, receiver=receiver, spool=spool, retry=retry,
                     destinations=dests, rules=rules, intake=intake, limits=limits,
                     metrics_port=metrics_port,
-                    metrics_bind=p.get(("metrics",), md, "bind", str, "127.0.0.1"))
+                    metrics_bind=p.get(("metrics",), md, "bind", str, "127.0.0.1"),
+                    web=parse_web(p, data.get("web", {})),
+                    health=_parse_health(p, data.get("health", {})),
+                    alerts=parse_alerts(p, data.get("alerts", {}), dests))
+
+
+def _parse_health(p: Reader, data: Mapping[str, Any]) -> HealthSettings:
+    p.check_keys(("health",), data, keys_of(HealthSettings))
+    return HealthSettings(**p.fields(("health",), data, HealthSettings))
 
 
 def load(path: Path | str = DEFAULT_CONFIG) -> Settings:

@@ -45,6 +45,8 @@ class DestinationRecord(TypedDict, total=False):
     consecutive_failures: int
     last_error: LinkError | None
     last_success: str | None
+    down_since: str | None      # the first failure of the current outage
+    up_since: str | None        # when it last recovered (failback counts from here)
     updated_at: str
 
 
@@ -73,6 +75,8 @@ class DestinationState:
         self.failed_at: float | None = None
         self.last_error: LinkError | None = None
         self.last_success: str | None = None
+        self.down_since: float | None = None
+        self.up_since: float | None = None
         self._probing = False
         self._written: str | None = None
         self._written_at = 0.0
@@ -87,7 +91,10 @@ class DestinationState:
             destination=self.dest.name, state=str(self.state),
             backoff_until=self.backoff_until if self.state != DestinationStatus.OK else None,
             consecutive_failures=self.failures, last_error=self.last_error,
-            last_success=self.last_success, updated_at=now_iso(now))
+            last_success=self.last_success,
+            down_since=now_iso(self.down_since) if self.down_since is not None else None,
+            up_since=now_iso(self.up_since) if self.up_since is not None else None,
+            updated_at=now_iso(now))
 
     def _write(self, now: float) -> None:
         snap = self.record(now)
@@ -126,6 +133,8 @@ class DestinationState:
             self.last_error = cast(LinkError, le) if isinstance(le, dict) else None
             ls = data.get("last_success")
             self.last_success = ls if isinstance(ls, str) else None
+            self.down_since = parse_iso(data.get("down_since"))
+            self.up_since = parse_iso(data.get("up_since"))
             if self.state != DestinationStatus.OK:
                 self.failed_at = parse_iso((self.last_error or {}).get("at")) or time.time()
             self._written = stamp
@@ -158,7 +167,12 @@ class DestinationState:
             else:
                 new = DestinationStatus.BACKOFF
                 delay = backoff_delay(self.failures, self.dest.retry, self.rng)
+            if link.retry_after is not None:   # the destination said when (Retry-After)
+                delay = max(delay, link.retry_after)
             changed = new != self.state
+            if self.state == DestinationStatus.OK or self.down_since is None:
+                self.down_since = now
+            self.up_since = None
             self.state = new
             self.backoff_until = now + delay
             self.failed_at = now
@@ -202,6 +216,8 @@ class DestinationState:
                 self.failures = 0
                 self.backoff_until = None
                 self.failed_at = None
+                self.down_since = None
+                self.up_since = now
             if recovered or first or now - self._written_at >= SUCCESS_WRITE_EVERY:
                 self._write(now)
         if recovered:

@@ -47,15 +47,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hermes_py import destinations, dicomfile
+from hermes_py.commitment import Commitments
 from hermes_py.config import Settings
 from hermes_py.destination_state import POLL, DestinationState, backoff_delay
-from hermes_py.destinations.base import Destination, Item, Workspace
+from hermes_py.destinations.base import SYSTEM_TEMP, Destination, Item, Probe, Workspace
 from hermes_py.durations import fmt_duration
 from hermes_py.events import emit
+from hermes_py.failover import Failover
 from hermes_py.lifecycle import DestinationStatus, Event
 from hermes_py.outcomes import LinkFailure, Outcome, Result, escalate
+from hermes_py.ownership import Fence
 from hermes_py.picker import Picker
 from hermes_py.process import start_thread, stop_on_signals
+from hermes_py.severed import judge_severed, severed_attempts
 from hermes_py.spool import (
     DCM,
     JSON,
@@ -76,12 +80,6 @@ EXPIRE_EVERY = 60.0      # give_up_after sweep while the destination is unreacha
 PROBE_BATCH = 1          # instances tried while a destination is backed off
 SUCCESS_FLUSH_COUNT = 32   # delivered instances whose success/ sidecars share one flush
 SUCCESS_FLUSH_AGE = 0.25   # ... or the oldest of them waited this long (at the next answer)
-# Sends that ended their association (``Result.severed``) after which an instance is a
-# permanent failure, once the destination has been seen accepting other instances.
-SEVERED_LIMIT = 3
-
-
-# ---------------------------------------------------------------- picking work
 
 
 # ---------------------------------------------------------------- the dispatcher
@@ -129,6 +127,12 @@ class Dispatcher:
         self._last_recover = 0.0
         self._last_expire = 0.0
         self._started = False
+        self._prober: Destination | None = None   # the upkeep thread's own (failover probes)
+        self.fence = Fence(self.spool)   # stop sending once another serve owns the spool
+        self.commitments = Commitments(self.spool, self.settings)   # storage_commitment
+        policy = self.settings.failover
+        self.failover = (Failover(self.spool, name, policy, self.state, self._probe,
+                                  self.queued) if policy is not None else None)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -137,6 +141,8 @@ class Dispatcher:
             return
         Worker.recover(self.spool, self.name)
         self._last_recover = time.time()
+        if self.failover is not None:
+            self.failover.reconcile()
         # Sidecar temps never queue behind other stages' creates, and converted copies
         # live where the tmp sweep removes them once this process is dead.
         workspace = Workspace(scratch=self.spool.use_private_tmp(),
@@ -158,6 +164,9 @@ class Dispatcher:
             slot.dest.close()
         if self._upkeep_worker is not None:
             self._upkeep_worker.stop()
+        if self._prober is not None:
+            self._prober.close()
+            self._prober = None
         self.spool.release_private_tmp()
         self.slots = []
         self._upkeep_worker = None
@@ -200,10 +209,17 @@ class Dispatcher:
     def held(self) -> bool:
         return self.spool.has_flag(self.name, Flag.HOLD)
 
+    def _probe(self) -> Probe:
+        if self._prober is None:
+            self._prober = destinations.create(self.settings, "probe", SYSTEM_TEMP)
+        return self._prober.probe()
+
     def queued(self) -> int:
         return sum(1 for f in self.spool.outboxes(self.name) for _ in self.spool.scan(f))
 
     def upkeep(self, now: float) -> None:
+        if not self.fence.check(f"dispatcher {self.name}"):
+            return
         if self.spool.has_flag(self.name, Flag.FLUSH):
             self._flush(now)
         if now - self._last_recover >= RECOVER_EVERY:
@@ -214,6 +230,10 @@ class Dispatcher:
                 and now - self._last_expire >= EXPIRE_EVERY and not self.held()):
             self._last_expire = now
             self.expire(now)
+        if self.failover is not None and not self.held() and self.failover.upkeep(now):
+            self.picker.invalidate()
+        if self.commitments.upkeep(now):   # failed commitments went back to the queue
+            self.picker.invalidate()
         self.state.heartbeat(now)
 
     def _flush(self, now: float) -> None:
@@ -289,7 +309,8 @@ class Dispatcher:
 
     def _cycle(self, slot: Slot, should_stop: Callable[[], bool]) -> int:
         """One batch: claim, send, record. Returns how many instances were handled."""
-        if self.held():
+        if self.held() or (self.failover is not None and self.failover.diverting) \
+                or self.fence.lost is not None:
             return 0
         now = time.time()
         wait, probe = self.state.begin(now)
@@ -369,7 +390,7 @@ class Dispatcher:
                     self._fail(path, data, "the file's meta header lacks the SOP class, SOP "
                                            "instance or transfer syntax UID", None)
                     continue
-            suspect = _severed_attempts(data) > 0
+            suspect = severed_attempts(data) > 0
             if suspect and suspect_taken:
                 self._unclaim(slot, path)
                 continue
@@ -382,9 +403,12 @@ class Dispatcher:
             s_rank = studies.setdefault(st, len(studies))
             r_rank = series.setdefault(se, len(series))
             prio = 0 if data.get("priority") == "urgent" else 1
+            facts = {k: str(data.get(k) or "") for k in ("calling_ae", "called_ae",
+                                                           "peer_address")}
             rows.append((int(suspect), prio, s_rank, r_rank, i, Item(path=path, name=name,
                                                        sop_instance_uid=sop, sop_class_uid=cls,
-                                                       transfer_syntax=ts, study=st, series=se)))
+                                                       transfer_syntax=ts, study=st, series=se,
+                                                       facts=facts)))
         rows.sort(key=lambda r: r[:5])
         return [r[5] for r in rows]
 
@@ -415,13 +439,17 @@ class Dispatcher:
         if outcome is not result.outcome:
             reason = f"{reason} (still failing after {same + 1} attempts)"
         if result.severed:
-            outcome, reason = self._severed(data, result, others_answered)
+            outcome, reason = judge_severed(data, result, others_answered,
+                                            parse_iso(self.state.last_success))
         d = self._attempt(data, now, outcome, result, reason, result.detail,
                           scope=sc.Scope.SEVERED if result.severed else None)
         try:
             if outcome is Outcome.SUCCESS:
-                self._delivered(slot, item, sc.delivered(d, now, result.delivered_as,
-                                                         result.warnings), result, now)
+                done = sc.delivered(d, now, result.delivered_as, result.warnings)
+                if result.coerced is not None:
+                    done["coerced"] = sc.Coerced(set=result.coerced.get("set", []),
+                                                 removed=result.coerced.get("removed", []))
+                self._delivered(slot, item, done, result, now)
             elif outcome is Outcome.TRANSIENT:
                 if self._expired(d, now):
                     self._fail(item.path, d, self._gave_up(f"last error: {reason}"), result,
@@ -445,26 +473,6 @@ class Dispatcher:
         finally:
             slot.sidecars.pop(item.path, None)
 
-    def _severed(self, data: sc.Sidecar, result: Result,
-                 others_answered: bool) -> tuple[Outcome, str]:
-        """Transient, until the SEVERED_LIMIT-th such send, once the destination is known to
-        take other instances: answered ones before it in this batch, or a delivery recorded
-        after this instance's first severed send. Without that proof (it may be the only
-        instance queued, and the destination aborting everything) it stays transient and
-        give_up_after bounds it."""
-        n = _severed_attempts(data) + 1
-        if n < SEVERED_LIMIT:
-            return Outcome.TRANSIENT, f"{result.reason} ({n} of {SEVERED_LIMIT})"
-        first = next((parse_iso(h.get("at")) for h in data.get("history") or []
-                      if h.get("scope") == sc.Scope.SEVERED), None)
-        last_ok = parse_iso(self.state.last_success)
-        if others_answered or (first is not None and last_ok is not None and last_ok > first):
-            return Outcome.PERMANENT, (
-                f"{result.reason}, {n} times for this instance while the destination "
-                f"accepted others: it cannot take this instance")
-        return Outcome.TRANSIENT, (f"{result.reason} ({n} times; no other instance delivered "
-                                   "since, so the destination may be at fault)")
-
     def _delivered(self, slot: Slot, item: Item, d: sc.Sidecar, result: Result,
                    now: float) -> None:
         """Queue the move to success/: its sidecar is written now, fsynced with the others'.
@@ -479,7 +487,7 @@ class Dispatcher:
             slot.writes = self.spool.sidecar_batch()
         if not slot.delivered:
             slot.delivered_since = now
-        slot.writes.write(self.spool.success_dir(self.name) / (item.name + JSON), d)
+        slot.writes.write(self.commitments.landing / (item.name + JSON), d)
         slot.delivered.append(_Delivered(item, d, result))
         if (len(slot.delivered) >= SUCCESS_FLUSH_COUNT
                 or now - slot.delivered_since >= SUCCESS_FLUSH_AGE):
@@ -492,7 +500,7 @@ class Dispatcher:
             return
         assert slot.writes is not None
         slot.writes.commit()  # on failure nothing moved: the claims go back to the outbox
-        folder = self.spool.success_dir(self.name)
+        folder = self.commitments.landing   # success/, or committing/ (storage commitment)
         for p in pending:
             item, d, result = p.item, p.sidecar, p.result
             try:
@@ -501,6 +509,7 @@ class Dispatcher:
                 LOG.error("destination %s: %s vanished from its claim while being recorded",
                           self.name, item.path)
                 continue
+            self.commitments.delivered(item)
             emit(LOG, Event.SENT, item.sop_instance_uid, self.name,
                  status=result.status_hex, ts=result.delivered_as, attempts=d.get("attempts"),
                  size=d.get("size"),
@@ -552,10 +561,6 @@ class Dispatcher:
     def _return_leftovers(self, slot: Slot) -> None:
         """Whatever is still in this worker's claim area goes back untouched."""
         slot.worker.return_all()
-
-
-def _severed_attempts(data: sc.Sidecar) -> int:
-    return sum(1 for h in data.get("history") or [] if h.get("scope") == sc.Scope.SEVERED)
 
 
 # ---------------------------------------------------------------- process entry

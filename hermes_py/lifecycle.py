@@ -28,10 +28,13 @@ class Stage(enum.StrEnum):
     PENDING = "pending"
     OUTGOING = "outgoing"
     URGENT = "urgent"
+    FAILOVER = "failover"
     ACTIVE = "active"
+    COMMITTING = "committing"
     SUCCESS = "success"
     ERROR = "error"
     DISCARD = "discard"
+    DIVERTED = "diverted"
 
     @property
     def facts(self) -> StageFacts:
@@ -53,6 +56,7 @@ class StageFacts:
     has_copy: bool = False     # a copy here means the destination already has the instance
     keep: str | None = None    # the [spool] key after which the cleaner removes copies
     swept: bool = False        # the cleaner removes sidecars left without their .dcm
+    eager: bool = True         # created for every destination at start (else when first used)
 
     @property
     def per_destination(self) -> bool:
@@ -68,9 +72,18 @@ _STAGES: dict[Stage, StageFacts] = {
                                queued=True, has_copy=True, swept=True),
     Stage.URGENT: StageFacts(("outgoing/{dest}/urgent",), "queued, sent before the rest",
                              queued=True, has_copy=True, swept=True),
+    Stage.FAILOVER: StageFacts(("outgoing/{dest}/failover/{primary}",),
+                               "queued for this destination as the backup of {primary}: "
+                               "failed over there (divert or copy), sent after urgent/",
+                               queued=True, has_copy=True, swept=True, eager=False),
     Stage.ACTIVE: StageFacts(("active/{dest}/{worker}",),
                              "claimed by a dispatcher worker, being sent",
                              queued=True, has_copy=True),
+    Stage.COMMITTING: StageFacts(("committing/{dest}",),
+                                 "stored (C-STORE Success) at a destination with "
+                                 "storage_commitment = \"required\": waiting for its storage "
+                                 "commitment report; claimed by nobody, never aged out",
+                                 has_copy=True, eager=False),
     Stage.SUCCESS: StageFacts(("success/{dest}",), "delivered", has_copy=True,
                               keep="keep_success", swept=True),
     Stage.ERROR: StageFacts(("error", "error/{dest}"),
@@ -79,6 +92,10 @@ _STAGES: dict[Stage, StageFacts] = {
                             has_copy=True),
     Stage.DISCARD: StageFacts(("discard",), "no rule routed it, or a discard rule matched",
                               keep="keep_discard", swept=True),
+    Stage.DIVERTED: StageFacts(("diverted/{dest}",),
+                               "failed over (divert): the destination's backup took the "
+                               "instance; the sidecar's failover names it",
+                               has_copy=True, keep="keep_success", swept=True),
 }
 
 
@@ -128,6 +145,9 @@ class Scope(enum.StrEnum):
     INSTANCE = "instance"
     DESTINATION = "destination"
     RECEIVER = "receiver"
+    SPOOL = "spool"
+    PROCESS = "process"
+    ALERT = "alert"
 
 
 class Event(enum.StrEnum):
@@ -147,14 +167,27 @@ class Event(enum.StrEnum):
     FAILED = "failed"
     GAVE_UP = "gave_up"
     PURGED = "purged"
+    DIVERTED = "diverted"
+    RETURNED = "returned"
+    RESENT = "resent"
+    COMMITTED = "committed"
+    COMMIT_FAILED = "commit_failed"
     DESTINATION_DOWN = "destination_down"
     DESTINATION_RECOVERED = "destination_recovered"
     DESTINATION_MISCONFIGURED = "destination_misconfigured"
     DESTINATION_HELD = "destination_held"
     DESTINATION_RELEASED = "destination_released"
     DESTINATION_FLUSHED = "destination_flushed"
+    DESTINATION_NOT_COMMITTING = "destination_not_committing"
     RECEIVING_REFUSED = "receiving_refused"
     RECEIVING_RESUMED = "receiving_resumed"
+    FAILOVER_STARTED = "failover_started"
+    FAILBACK = "failback"
+    QUEUE_DELAYED = "queue_delayed"
+    DISK_LOW = "disk_low"
+    PROCESS_FLAPPING = "process_flapping"
+    ALERT_SENT = "alert_sent"
+    ALERT_FAILED = "alert_failed"
 
     @property
     def facts(self) -> EventFacts:
@@ -198,6 +231,18 @@ _EVENTS: dict[Event, EventFacts] = {
                                               "(to error/<dest>/)", reason=True),
     Event.PURGED: EventFacts(Scope.INSTANCE, "Instances an admin deleted from error/ or "
                                              "discard/"),
+    Event.DIVERTED: EventFacts(Scope.INSTANCE, "Instance copies a failed-over destination "
+                                               "handed to its backup"),
+    Event.RETURNED: EventFacts(Scope.INSTANCE, "Diverted instances given back to their "
+                                               "destination at failback, before the backup "
+                                               "sent them"),
+    Event.RESENT: EventFacts(Scope.INSTANCE, "Instance copies an admin queued again for a "
+                                             "destination (hermes-py resend)"),
+    Event.COMMITTED: EventFacts(Scope.INSTANCE, "Instances a destination's storage commitment "
+                                                "report confirmed"),
+    Event.COMMIT_FAILED: EventFacts(Scope.INSTANCE, "Instances a storage commitment report "
+                                                    "failed (required: queued again)",
+                                    reason=True),
     Event.DESTINATION_DOWN: EventFacts(Scope.DESTINATION, "A destination became unreachable "
                                                           "(backed off)", reason=True),
     Event.DESTINATION_RECOVERED: EventFacts(Scope.DESTINATION, "A destination that was down "
@@ -209,9 +254,27 @@ _EVENTS: dict[Event, EventFacts] = {
                                                               "destination"),
     Event.DESTINATION_FLUSHED: EventFacts(Scope.DESTINATION, "A destination's queue was made due "
                                                              "now, its backoff cleared"),
+    Event.DESTINATION_NOT_COMMITTING: EventFacts(Scope.DESTINATION, "No storage commitment "
+                                                                    "report came within "
+                                                                    "commit_timeout, asked "
+                                                                    "twice"),
     Event.RECEIVING_REFUSED: EventFacts(Scope.RECEIVER, "The receiver began refusing C-STOREs "
                                                         "(low space, write errors)", reason=True),
     Event.RECEIVING_RESUMED: EventFacts(Scope.RECEIVER, "The receiver stores C-STOREs again"),
+    Event.FAILOVER_STARTED: EventFacts(Scope.DESTINATION, "A destination down for "
+                                                          "failover_after failed over to its "
+                                                          "backup"),
+    Event.FAILBACK: EventFacts(Scope.DESTINATION, "A failed-over destination, up for "
+                                                  "failback_after, took its work back"),
+    Event.QUEUE_DELAYED: EventFacts(Scope.DESTINATION, "A destination's oldest queued instance "
+                                                       "waited longer than delay_warning"),
+    Event.DISK_LOW: EventFacts(Scope.SPOOL, "Free spool space fell under twice min_free_mb"),
+    Event.PROCESS_FLAPPING: EventFacts(Scope.PROCESS, "serve restarted a child more than 5 "
+                                                      "times in 10 minutes"),
+    Event.ALERT_SENT: EventFacts(Scope.ALERT, "Alerts a channel accepted (alerts/pending/ to "
+                                              "alerts/sent/ once every channel did)"),
+    Event.ALERT_FAILED: EventFacts(Scope.ALERT, "Alerts a channel did not accept within "
+                                                "give_up_after (to alerts/failed/)"),
 }
 
 

@@ -145,6 +145,14 @@ def spool_gauges(cfg: Settings, spool: Spool) -> list[str]:
     gauge("hermes_destination_state", "1 for the destination's current state",
           [({"destination": n, "state": s}, 1.0 if d.get("state") == s else 0.0)
            for n, d in dests.items() for s in DestinationStatus])
+    gauge("hermes_destination_failed_over", "1 while the destination is failed over to its "
+          "backup (label to)",
+          [({"destination": n, "to": str((d.get("failover") or {}).get("to", ""))},
+            1.0 if d.get("failover") else 0.0) for n, d in dests.items()])
+    gauge("hermes_diverted_instances", "Instances the current failover diverted to the "
+          "backup (0 when not failed over)",
+          [({"destination": n}, float((d.get("failover") or {}).get("diverted", 0)))
+           for n, d in dests.items()])
     gauge("hermes_folder_instances", "Instances in the shared folders",
           [({"folder": k}, float(v)) for k, v in folders.items() if k != "drop_capped"])
     gauge("hermes_spool_free_bytes", "Free space on the spool filesystem",

@@ -141,6 +141,8 @@ class Result:
     # chokes on), so the dispatcher blames the instance, not the destination, and
     # sends it alone from then on (see dispatcher._record).
     severed: bool = False
+    # Delivered as a coerced copy: the keywords set and removed (coerce.py)
+    coerced: dict[str, list[str]] | None = None
 
     @property
     def status_hex(self) -> str | None:
@@ -178,6 +180,7 @@ class LinkKind(enum.StrEnum):
     REJECTED_PERMANENT = "association rejected (permanent)"
     ABORTED = "association aborted"
     DIMSE_TIMEOUT = "no response (DIMSE timeout)"
+    TLS_FAILED = "TLS failed"      # a certificate or handshake problem: misconfigured
     BUSY = "destination out of resources"
 
 
@@ -191,6 +194,9 @@ class LinkFailure:
     # Our config or theirs is wrong, not the network (a permanent association rejection,
     # an AE-title typo): the queue is kept, nothing expires, an admin must act.
     misconfigured: bool = False
+    # Seconds the destination asked us to wait (HTTP Retry-After): the backoff is at
+    # least this, so a throttling server is not probed again before it said to.
+    retry_after: float | None = None
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.detail}" if self.detail else str(self.kind)

@@ -28,7 +28,7 @@ class Picker:
 
     def __init__(self, spool: Spool, dest: str, size: int):
         self.spool = spool
-        self.folders = spool.outboxes(dest)
+        self.dest = dest
         self.size = size
         self.lock = threading.Lock()
         self._cache: dict[Path, tuple[deque[Path], float]] = {}
@@ -40,7 +40,7 @@ class Picker:
     def pick(self, worker: Worker, n: int, now: float) -> list[Path]:
         claimed: list[Path] = []
         with self.lock:
-            for folder in self.folders:
+            for folder in self.spool.outboxes(self.dest):  # failover queues come and go
                 rescanned = False
                 while len(claimed) < n:
                     q, at = self._cache.get(folder, (deque(), 0.0))

@@ -236,6 +236,55 @@ class ReusePortServer(ReceiverServer):
         super().server_bind()
 
 
+class TLSServer(ReceiverServer):
+    """The TLS listener: the handshake runs in the connection's own thread, with a deadline.
+
+    pynetdicom wraps each accepted socket in ``get_request``, in the one accept thread,
+    with no timeout (transport.py:952-975): a client that connects and says nothing
+    blocks every association after it for as long as it stays. Here ``get_request``
+    hands back the raw socket and ``process_request_thread`` (already a thread per
+    connection) does the handshake within ``handshake_timeout``; at most
+    ``MAX_HANDSHAKES`` run at once, more are closed at once, so silent clients cost a
+    bounded number of threads.
+    """
+
+    handshake_timeout = 10.0
+    MAX_HANDSHAKES = 100
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handshakes = threading.BoundedSemaphore(self.MAX_HANDSHAKES)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock = cast(socket.socket, self.socket)
+        client, address = sock.accept()
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        ctx = self.ssl_context
+        if ctx is None or not self._handshakes.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.close()
+            return
+        try:
+            request.settimeout(self.handshake_timeout)
+            tls = ctx.wrap_socket(request, server_side=True)
+            tls.settimeout(None)
+        except (OSError, ValueError) as e:
+            LOG.warning("TLS handshake with %s:%s failed: %s", *client_address[:2],
+                        getattr(e, "reason", None) or e)
+            with contextlib.suppress(OSError):
+                request.close()
+            return
+        finally:
+            self._handshakes.release()
+        super().process_request_thread(tls, client_address)
+
+
+class TLSReusePortServer(TLSServer, ReusePortServer):
+    """The TLS listener shared by several receiver processes."""
+
+
 def register_server(ae: AE, server: ThreadedAssociationServer) -> None:
     ae._servers.append(server)
 

@@ -59,10 +59,11 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
-from hermes_py import pynetdicom_compat
+from hermes_py import commitment_scp, pynetdicom_compat, tls
 from hermes_py.config import Settings
 from hermes_py.errors import HermesError
 from hermes_py.events import emit
+from hermes_py.health import Drain
 from hermes_py.lifecycle import Event
 from hermes_py.outcomes import hex_status
 from hermes_py.process import start_thread, stop_on_signals, wait_until_stopped
@@ -80,6 +81,7 @@ CANNOT_UNDERSTAND = 0xC211  # a bug in our handler; pynetdicom uses the same cod
 # A-ASSOCIATE-RJ (result, source, reason) for a calling AE title not on the list.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_TOO_MANY = (0x02, 0x03, 0x02)
+REJECT_DRAINING = (0x02, 0x03, 0x01)   # transient, temporary congestion: try elsewhere
 
 PROBE_ALLOWANCE = 1000  # headroom over max_associations for pynetdicom's own check (it counts
 # every acceptor thread: the unrequested ones, the ones rejected and still ending)
@@ -118,11 +120,14 @@ class Receiver:
         self.cfg = cfg
         self.settings = cfg.receiver
         self.spool = Spool(cfg.spool.path)
+        self._drain = Drain(self.spool)
         self.reuse_port = reuse_port
         self._port = self.settings.port if port is None else port
         self._server: ThreadedAssociationServer | None = None
         self._ae: AE | None = None
         self._serve_thread: threading.Thread | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
+        self._tls_thread: threading.Thread | None = None
         self._sweeper: threading.Thread | None = None
         self._stopped = threading.Event()
         self._closing = False
@@ -149,6 +154,12 @@ class Receiver:
             return self._port
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        if self._tls_server is None:
+            return self.settings.tls.port if self.settings.tls else None
+        return int(self._tls_server.server_address[1])
+
     def start(self) -> Receiver:
         self.spool.ensure()
         self.spool.sweep_tmp(self.cfg.spool.tmp_max_age)
@@ -172,6 +183,7 @@ class Receiver:
         # Any called AE title is accepted: rules may route on CalledAE.
         ae.require_called_aet = False
         ae.add_supported_context(pynetdicom_compat.VERIFICATION)
+        commitment_scp.add_context(ae)   # destinations call back with commitment reports
         self._ae = ae
         pynetdicom_compat.start_receiving(ae, self._new_temp_file)
         self._receiving = True
@@ -186,6 +198,8 @@ class Receiver:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_ABORTED, self._on_conn_close),
+            # a storage commitment report: stored durably before it is answered
+            (evt.EVT_N_EVENT_REPORT, commitment_scp.handler(self.spool)),
         ]
         try:
             server = ae.make_server((rs.bind, self._port), evt_handlers=handlers,
@@ -200,11 +214,44 @@ class Receiver:
         pynetdicom_compat.register_server(ae, server)
         self._server = server
         self._serve_thread = start_thread(server.serve_forever, f"hermes-receiver:{self.port}")
+        if rs.tls is not None:
+            self._start_tls(ae, rs.tls, handlers)
         self._sweeper = start_thread(self._sweep_loop, "hermes-tmp-sweeper")
         LOG.info("receiver %s listening on %s:%d (pid %d, max PDU %d, max associations %d%s)",
                  rs.ae_title, rs.bind, self.port, os.getpid(), rs.max_pdu_size,
                  rs.max_associations, ", SO_REUSEPORT" if self.reuse_port else "")
         return self
+
+    def _start_tls(self, ae: AE, t: tls.ReceiverTLS,
+                   handlers: list[evt.EventHandlerType]) -> None:
+        """The TLS listener: the same AE (one max_associations for both), its own port."""
+        server_class: type[pynetdicom_compat.TLSServer] = (
+            pynetdicom_compat.TLSReusePortServer if self.reuse_port
+            else pynetdicom_compat.TLSServer)
+        try:
+            server = ae.make_server((self.settings.bind, t.port), evt_handlers=handlers,
+                                    server_class=server_class,
+                                    ssl_context=tls.server_context(t))
+        except OSError as e:
+            self._stop_servers()
+            self._release_process_config()
+            raise HermesError(f"receiver cannot listen for TLS on {self.settings.bind}:"
+                              f"{t.port}: {e.strerror or e}") from None
+        assert isinstance(server, pynetdicom_compat.TLSServer)
+        server.handshake_timeout = t.handshake_timeout
+        pynetdicom_compat.register_server(ae, server)
+        self._tls_server = server
+        self._tls_thread = start_thread(server.serve_forever, f"hermes-receiver-tls:{t.port}")
+        LOG.info("receiver %s listening for TLS on %s:%d (%s)", self.settings.ae_title,
+                 self.settings.bind, self.tls_port,
+                 "client certificates required" if t.client_ca_file
+                 else "no client certificate asked")
+
+    def _stop_servers(self) -> None:
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    server.shutdown()
 
     def stop(self, grace: float = STOP_GRACE) -> None:
         server, self._server = self._server, None
@@ -212,13 +259,19 @@ class Receiver:
             return
         self._stopped.set()
         server.shutdown()  # no new associations from here on
+        tls_server, self._tls_server = self._tls_server, None
+        if tls_server is not None:
+            tls_server.shutdown()
+            active = [*server.active_associations, *tls_server.active_associations]
+        else:
+            active = server.active_associations
         port = int(server.server_address[1]) if server.server_address else self._port
         deadline = time.monotonic() + grace
 
         def busy() -> list[Association]:
             # Only established associations can have a C-STORE in flight; a bare TCP
             # connect (a port probe) waits out acse_timeout and needs no grace.
-            return [a for a in server.active_associations if a.is_established]
+            return [a for a in active if a.is_alive() and a.is_established]
 
         while busy() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -234,8 +287,9 @@ class Receiver:
             for assoc in left:
                 with contextlib.suppress(Exception):
                     assoc.abort()
-        if self._serve_thread is not None:
-            self._serve_thread.join(5)
+        for thread in (self._serve_thread, self._tls_thread):
+            if thread is not None:
+                thread.join(5)
         if self._sweeper is not None:
             self._sweeper.join(5)
         with self._lock:
@@ -362,7 +416,9 @@ class Receiver:
         calling = (rq.calling_ae_title if rq is not None else "").strip()
         allowed = self.settings.allowed_calling_aets
         reason = None
-        if allowed and calling not in allowed:
+        if self._drain.active():
+            reason, rsd = "draining (hermes-py drain): try another router", REJECT_DRAINING
+        elif allowed and calling not in allowed:
             reason, rsd = "calling AE title not allowed", REJECT_CALLING_AE
         else:
             # Count the associations we admitted and whose thread runs, nothing else: a

@@ -10,7 +10,8 @@ The supervisor:
   same spool refuses to start, and a crashed one never leaves a stale lock;
 - starts ``receive`` (``[receiver] processes`` of them, sharing the port),
   ``intake`` (when ``[intake] enabled``), ``route``, one ``dispatch NAME`` per
-  destination and ``clean`` as ``python -m hermes_py VERB -c CONFIG``; they stay
+  destination, ``clean`` and ``web`` (when ``[web] port`` is set) as
+  ``python -m hermes_py VERB -c CONFIG``; they stay
   in its process group and get SIGTERM if the supervisor dies
   (PR_SET_PDEATHSIG, ``process.child_setup``), so no orphan keeps a port or a
   claim;
@@ -44,6 +45,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from hermes_py import health, ownership
+from hermes_py.alerts.aggregate import Aggregator
 from hermes_py.config import Settings, parse
 from hermes_py.errors import HermesError
 from hermes_py.events import Hub, Occurrence
@@ -51,6 +54,7 @@ from hermes_py.log import local_stamp, text_line, write_line
 from hermes_py.metrics import Counters, MetricsServer
 from hermes_py.process import LAST_GOOD_ENV, SUPERVISED_ENV, start_thread
 from hermes_py.spool import Spool, now_iso
+from hermes_py.spool.eventlog import EventLog
 
 LOG = logging.getLogger(__name__)
 
@@ -113,7 +117,16 @@ class Supervisor:
         # The children's events, as this process learns them from their log records.
         self.events = Hub()
         self.events.connect(self.counters.observe)
+        # The web child's live feed reads them back from the spool (spool/eventlog.py).
+        self.event_log = EventLog(self.spool.events_log)
+        self.events.connect(lambda o: self.event_log.append(o.record()))
+        # serve's own alerts (gave_up, receiving_refused, process_flapping): alerts/aggregate.py
+        self.alerting = Aggregator(lambda: self.cfg, lambda: self.spool)
+        self.events.connect(self.alerting.observe)
+        self._alerting_stop = threading.Event()
         self.metrics: MetricsServer | None = None
+        self._health: health.HealthServer | None = None
+        self.epoch = 0   # ownership.take() at start
         self._stop_signal: int | None = None
         self._signals = 0
         self._reload = False
@@ -134,6 +147,10 @@ class Supervisor:
         for name in cfg.destinations:
             want[f"dispatch:{name}"] = ["dispatch", name]
         want["clean"] = ["clean"]
+        if cfg.alerts.enabled:
+            want["alert"] = ["alert"]   # its own process: a slow channel never slows routing
+        if cfg.web.enabled:
+            want["web"] = ["web"]   # niced by itself (web/app.py): a page never slows a C-STORE
         return want
 
     def _argv(self, child: Child) -> list[str]:
@@ -146,6 +163,7 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         env = dict(os.environ)
         env[SUPERVISED_ENV] = str(os.getpid())
+        env[ownership.EPOCH_ENV] = str(self.epoch)
         if (self.spool.state / LAST_GOOD_FILE).exists():
             env[LAST_GOOD_ENV] = str(self.spool.state / LAST_GOOD_FILE)
         env["PYTHONUNBUFFERED"] = "1"
@@ -175,6 +193,7 @@ class Supervisor:
         delay = min(RESTART_MAX, RESTART_MIN * 2 ** max(0, child.failures - 1))
         child.restart_at = now + delay
         child.restarts += 1
+        self.alerting.restarted(child.name, now)
         LOG.warning("%s: restarting in %gs (restart %d)", child.name, delay, child.restarts)
 
     def _reap(self, now: float) -> None:
@@ -356,6 +375,10 @@ class Supervisor:
             changed.append("intake")
         if new.spool != old.spool:
             changed.append("clean")
+        if new.web != old.web and "web" in want:
+            changed.append("web")
+        if new != old and "alert" in want:
+            changed.append("alert")   # it reads destinations, [spool] and [alerts]
         for name in changed:
             c = self.children.get(name)
             if c is not None and c.alive and c.proc is not None:
@@ -410,6 +433,7 @@ class Supervisor:
                               f"{self.spool.root}{who}; stop it first")
         try:
             self.spool.ensure(list(self.cfg.destinations))
+            self.epoch = ownership.take(self.spool)
             old_handlers = {s: signal.signal(s, self._on_stop)
                             for s in (signal.SIGTERM, signal.SIGINT)}
             old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hup)
@@ -421,6 +445,19 @@ class Supervisor:
         finally:
             lock.release()
 
+    def _start_health(self) -> None:
+        h = self.cfg.health
+        if not h.port:
+            return
+        def check() -> str | None:
+            return health.verdict(self.spool, self.cfg.spool.min_free_mb,
+                                  {n: c.alive for n, c in self.children.items()})
+        try:
+            self._health = health.HealthServer(h.bind, h.port, check).start()
+        except OSError as e:
+            LOG.error("health: cannot listen on %s:%d (%s); serving without /healthz",
+                      h.bind, h.port, e.strerror or e)
+
     def _serve(self) -> int:
         if self.cfg.metrics_port:
             self.metrics = MetricsServer(self.cfg, self.counters, self._extra_metrics)
@@ -431,8 +468,11 @@ class Supervisor:
                 LOG.error("metrics: cannot listen on %s:%d (%s); serving without metrics",
                           self.cfg.metrics_bind, self.cfg.metrics_port, e.strerror or e)
                 self.metrics = None
-        LOG.info("serving %s with spool %s: %d destination(s)%s", self.cfg.path,
-                 self.spool.root, len(self.cfg.destinations),
+        self._start_health()
+        self.alerting.start(self._alerting_stop)
+        LOG.info("serving %s with spool %s (id %s, owner epoch %d): %d destination(s)%s",
+                 self.cfg.path, self.spool.root, ownership.identity(self.spool), self.epoch,
+                 len(self.cfg.destinations),
                  "" if self.cfg.destinations else " (nothing will be forwarded)")
         for name, args in self._wanted(self.cfg).items():
             self.children[name] = Child(name, args)
@@ -455,6 +495,10 @@ class Supervisor:
             if self.metrics is not None:
                 self.metrics.stop()
                 self.metrics = None
+            if self._health is not None:
+                self._health.stop()
+                self._health = None
+            self._alerting_stop.set()
             self._write_state(stopped=True)
         LOG.info("stopped")
         return 0

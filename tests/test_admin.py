@@ -451,3 +451,41 @@ def test_status_says_stalled_when_a_dispatcher_stops_reporting(rules: Path) -> N
     assert snap["destinations"]["ris"]["state"] == "ok"
     text = run("status", "-c", rules).stdout
     assert "STALLED (no report for 10m)" in text
+
+
+# ---------------------------------------------------------------- resend
+
+
+def test_resend_queues_hard_links_for_another_destination(rules: Path) -> None:
+    """Copies delivered to or failed at pacs go to ris as links of the same file, each
+    sidecar saying where it came from and who asked; a second run queues nothing new."""
+    spool = _spool(rules)
+    study = generate_uid()
+    err = {"stage": "dispatch", "reason": "0xA900", "at": "t", "destination": "pacs"}
+    done = put(spool, spool.success_dir("pacs"), sop="5.1", study=study, dest="pacs")
+    failed = put(spool, spool.error_dir("pacs"), sop="5.2", study=study, dest="pacs", error=err)
+    other = put(spool, spool.success_dir("pacs"), sop="5.3", dest="pacs")
+
+    cp = run("resend", "--to", "ris", "--study", study, "-c", rules)
+    assert cp.returncode == 0, cp.stderr
+    assert "queued 2 instance(s) for ris" in cp.stdout, cp.stdout
+    assert "error/pacs: 1" in cp.stdout and "success/pacs: 1" in cp.stdout
+    queued = spool.outbox("ris")
+    assert _names(queued) == {done.name, failed.name}
+    assert (queued / done.name).stat().st_ino == done.stat().st_ino  # a link, not a copy
+    side = json.loads((queued / failed.name).with_suffix(".json").read_text())
+    assert side["destination"] == "ris" and side["attempts"] == 0 and "error" not in side
+    assert side["resent"]["from"] == "error/pacs" and side["resent"]["by"]
+    assert "resent sop=5.2 dest=ris" in cp.stderr
+
+    again = run("resend", "--to", "ris", "--study", study, "-c", rules)
+    assert again.returncode == 0 and "queued 0" in again.stdout
+    assert "2 already queued" in again.stdout
+
+    by_uid = run("resend", "--to", "ris", "5.3", "--from", "pacs", "-c", rules)
+    assert by_uid.returncode == 0 and _names(queued) == {done.name, failed.name, other.name}
+
+    nothing = run("resend", "--to", "ris", "--series", "9.9.9", "-c", rules)
+    assert nothing.returncode == 1 and "nothing to resend" in nothing.stdout
+    unknown = run("resend", "--to", "nowhere", "5.1", "-c", rules)
+    assert unknown.returncode == 2 and "unknown destination 'nowhere'" in one_error_line(unknown)

@@ -59,7 +59,34 @@ def _marked(text: str) -> tuple[str, int]:
 
 
 # (id, file text with "# <-" on the expected line, expected key, expected message part)
+BACKUP = """\
+[destinations.backup]
+ae_title = "BACKUP"
+host = "127.0.0.1"
+port = 4243
+
+"""
+
+
+def _failover(keys: str) -> str:
+    """HEAD plus a backup destination, ``keys`` added to [destinations.pacs]."""
+    return HEAD.replace('port = 4242\n', 'port = 4242\n' + keys) + BACKUP
+
+
 BAD = [
+    ("failover-unknown", _failover('failover_to = "bakup"  # <-\nfailover_mode = "divert"\n'),
+     "destinations.pacs.failover_to", "unknown destination 'bakup' (defined: backup)"),
+    ("failover-itself", _failover('failover_to = "pacs"  # <-\nfailover_mode = "copy"\n'),
+     "destinations.pacs.failover_to", "cannot fail over to itself"),
+    ("failover-no-mode", _failover('failover_to = "backup"  # <-\n'),
+     "destinations.pacs.failover_mode", "missing: with failover_to, choose 'divert', 'copy'"),
+    ("failover-bad-mode", _failover('failover_to = "backup"\nfailover_mode = "mirror"  # <-\n'),
+     "destinations.pacs.failover_mode", "expected one of 'divert', 'copy', got 'mirror'"),
+    ("failover-two-levels", _failover('failover_to = "backup"\nfailover_mode = "divert"\n')
+     + '[destinations.third]\nae_title = "THIRD"\nhost = "127.0.0.1"\nport = 4244\n'
+       'failover_to = "pacs"  # <-\nfailover_mode = "copy"\n',
+     "destinations.third.failover_to", "'pacs' fails over to 'backup' itself: failover is one "
+                                       "level deep"),
     ("unknown-top-level-table", HEAD + "[recevier]  # <-\nport = 1\n",
      "recevier", "did you mean 'receiver'?"),
     ("unknown-top-level-key", "verbose = true  # <-\n" + HEAD,
@@ -212,11 +239,11 @@ BAD = [
 
         [receiver.tls]  # <-
         port = 2762
-        """), "receiver.tls", "unknown key"),
-    ("unknown-sub-table-of-a-destination", HEAD + textwrap.dedent("""\
-        [destinations.pacs.tls]  # <-
-        ca_file = "ca.pem"
-        """), "destinations.pacs.tls", "unknown key"),
+        """), "receiver.tls.cert_file", "missing"),
+    ("file-in-a-sub-table-of-a-destination", HEAD + textwrap.dedent("""\
+        [destinations.pacs.tls]
+        ca_file = "no-such-ca.pem"  # <-
+        """), "destinations.pacs.tls.ca_file", "cannot read"),
     # pacs-web and pacs_web would both be outgoing/pacs_web/: one queue for two.
     ("names-sharing-a-folder", HEAD + textwrap.dedent("""\
         [destinations.pacs-web]

@@ -7,6 +7,7 @@ kill -9 and multi-process ones are in test_dispatcher_process.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -36,10 +37,11 @@ from hermes_py.config import RetryPolicy, Settings
 from hermes_py.destination_state import DestinationState
 from hermes_py.destinations.dicom_scu import DicomDestination
 from hermes_py.destinations.negotiation import plan
-from hermes_py.dispatcher import SEVERED_LIMIT, SUCCESS_FLUSH_COUNT, Dispatcher, backoff_delay
+from hermes_py.dispatcher import SUCCESS_FLUSH_COUNT, Dispatcher, backoff_delay
 from hermes_py.lifecycle import Event
 from hermes_py.outcomes import RETRY_CAPS, LinkFailure, LinkKind, classify_reject
 from hermes_py.pynetdicom_compat import BUSY_LOOP_DELAY
+from hermes_py.severed import SEVERED_LIMIT
 from hermes_py.spool import Flag, Spool
 from tests.support.config import dest
 from tests.support.dicomgen import compressed_instance, dataset_bytes, make_instance
@@ -762,3 +764,27 @@ def test_unreadable_file_goes_to_error_with_reason(make_settings) -> None:
         assert "not a readable DICOM file" in sc["error"]["reason"]
         assert scp.uids == set(good)
         assert os.listdir(spool.outbox("pacs")) == ["urgent"]
+
+
+def test_source_address_is_where_associations_come_from(make_settings,
+                                                        tmp_path) -> None:
+    """A PACS allow-list sees one address: the destination's ``source_address``."""
+    from hermes_py.receiver import Receiver
+    from tests.support.config import receiver
+
+    port = free_port()
+    rx = Receiver(make_settings(receiver=receiver(port), spool={"path": "rx-spool",
+                                                                 "min_free_mb": 0})).start()
+    try:
+        cfg = make_settings(dest("pacs", port, "HERMES", source_address="127.0.0.2"),
+                            spool={"path": "tx-spool", "min_free_mb": 0})
+        spool = Spool(cfg.spool.path)
+        queue(spool, "pacs", make_instance(8, 8))
+        with Dispatcher(cfg, "pacs") as d:
+            assert d.run_once() == 1
+        wait_for(lambda: bool(list(rx.spool.incoming.glob("*.json"))), 10,
+                 what="the instance at the receiver")
+        side = json.loads(next(rx.spool.incoming.glob("*.json")).read_text())
+        assert side["peer_address"] == "127.0.0.2"
+    finally:
+        rx.stop(grace=1)

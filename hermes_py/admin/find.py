@@ -107,6 +107,15 @@ def _state_words(loc: Location) -> list[str]:
         if s.get("next_attempt"):
             bits.append(f"next attempt {s.get('next_attempt')}")
         return bits
+    if st is Stage.FAILOVER:
+        took = s.get("failover") or {}
+        return [f"queued here as the failover of {took.get('from', '?')} "
+                f"({took.get('mode', '?')}, {took.get('at', '?')})",
+                f"attempts {s.get('attempts', 0)}"]
+    if st is Stage.DIVERTED:
+        gave = s.get("failover") or {}
+        return [f"diverted: delivered via {gave.get('to', '?')} (failed over "
+                f"{gave.get('at', '?')}: {gave.get('reason', '')})"]
     if st is Stage.ACTIVE:
         return [f"being sent (claimed by worker {loc.worker})"]
     if st is Stage.SUCCESS:
@@ -116,6 +125,12 @@ def _state_words(loc: Location) -> list[str]:
         bits.append(f"attempts {s.get('attempts', '?')}")
         if s.get("warnings"):
             bits.append(f"warnings {', '.join(map(str, s.get('warnings') or []))}")
+        fo = s.get("failover")
+        if fo and fo.get("to") == loc.destination:
+            bits.append(f"as the failover of {fo.get('from', '?')} ({fo.get('mode', '?')})")
+        again = s.get("resent")
+        if again:
+            bits.append(f"resent from {again.get('from', '?')} by {again.get('by', '?')}")
         return bits
     if st is Stage.ERROR:
         err = s.get("error") or {}

@@ -10,6 +10,7 @@ exports as gauges.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import os
 import socket
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict, cast
 
-from hermes_py import destinations
+from hermes_py import destinations, failover, ownership, tls
 from hermes_py.admin import Result, open_spool
+from hermes_py.admin.alerts import alerts_text, open_alerts
 from hermes_py.config import Settings
 from hermes_py.destination_state import HEARTBEAT_EVERY
 from hermes_py.durations import DAY, human_age
@@ -82,6 +84,18 @@ class DestinationRow(TypedDict, total=False):
     last_success: str | None
     state_updated_at: str | None
     state_updated_epoch: float | None
+    failover: FailoverRow | None
+
+
+class FailoverRow(TypedDict):
+    """state/<dest>.failover.json, and how many instances took the other path."""
+
+    to: str
+    mode: str
+    since: str
+    reason: str
+    diverted: int
+    at_backup: int
 
 
 class Folders(TypedDict):
@@ -104,6 +118,11 @@ class Snapshot(TypedDict):
     age_buckets_minutes: list[int]
     destinations: dict[str, DestinationRow]
     folders: Folders
+    tls_certificate_expires: str | None   # [receiver.tls] cert_file's notAfter
+    draining: dict[str, Any] | None       # state/drain: since when, asked by whom
+    spool_id: str | None                  # state/spool.json
+    owner: dict[str, Any] | None          # state/owner.json: the serve that owns the spool
+    alerts: dict[str, Any] | None         # state/alerts.json + alerts/ counts (admin/alerts)
 
 
 @dataclass
@@ -212,6 +231,16 @@ def destination_state(spool: Spool, name: str, now: float) -> DestinationRow:
         state_updated_at=raw.get("updated_at"))
 
 
+def _failover_row(spool: Spool, name: str) -> FailoverRow | None:
+    rec = failover.read(spool, name)
+    if rec is None:
+        return None
+    to = rec.get("to", "?")
+    diverted, at_backup = failover.counts(spool, name, to)
+    return FailoverRow(to=to, mode=rec.get("mode", "?"), since=rec.get("since", "?"),
+                       reason=rec.get("reason", ""), diverted=diverted, at_backup=at_backup)
+
+
 def snapshot(cfg: Settings, spool: Spool, now: float | None = None,
              success: bool = True) -> Snapshot:
     """Everything ``status`` shows, as plain data (also what metrics exports)."""
@@ -226,6 +255,8 @@ def snapshot(cfg: Settings, spool: Spool, now: float | None = None,
         t = _Tally()
         t.add(spool.outbox(name, "urgent"), bounds, now)
         urgent = t.queued
+        for place in spool.places(Stage.FAILOVER, name):
+            t.add(place.path, bounds, now)
         t.add(spool.outbox(name), bounds, now)
         active = _Tally()
         for place in spool.places(Stage.ACTIVE, name):
@@ -244,6 +275,7 @@ def snapshot(cfg: Settings, spool: Spool, now: float | None = None,
         if name in cfg.destinations:
             d["address"] = destinations.describe(cfg.destinations[name])
             d.update(destination_state(spool, name, now))
+            d["failover"] = _failover_row(spool, name)
         else:
             d.update(DestinationRow(state=str(DestinationStatus.NOT_CONFIGURED), held=False,
                                     last_error=None))
@@ -261,7 +293,18 @@ def snapshot(cfg: Settings, spool: Spool, now: float | None = None,
                 1 for p in spool.misplaced(spool.incoming) if p.suffix not in (".json", ".dcm")),
             pending=sum(_count(p.path) for p in spool.places(Stage.PENDING)),
             drop=drop, drop_capped=drop_capped, error=_count(spool.error_dir()),
-            discard=_count(spool.discard)))
+            discard=_count(spool.discard)),
+        tls_certificate_expires=_cert_expiry(cfg),
+        draining=spool.read_json(spool.drain_file) or None,
+        spool_id=str(spool.read_json(spool.state / "spool.json").get("id") or "") or None,
+        owner=ownership.owner(spool) or None,
+        alerts=open_alerts(spool))
+
+
+def _cert_expiry(cfg: Settings) -> str | None:
+    t = cfg.receiver.tls
+    when = tls.not_after(t.cert_file) if t is not None else None
+    return None if when is None else now_iso(when)
 
 
 # ---------------------------------------------------------------- text
@@ -287,6 +330,18 @@ def _state_text(d: DestinationRow, now: float) -> str:
     if d.get("flush_requested"):
         return f"{st}, flush asked"
     return str(st)
+
+
+def failover_text(d: DestinationRow, now: float) -> str | None:
+    """``failed over to backup since ... (divert), 312 diverted``."""
+    fo = d.get("failover")
+    if not fo:
+        return None
+    since = parse_iso(fo["since"])
+    ago = f" ({human_age(now - since)} ago)" if since is not None else ""
+    moved = f"{fo['diverted']} diverted, " if fo["mode"] == "divert" else ""
+    return (f"failed over to {fo['to']} since {fo['since']}{ago} ({fo['mode']}), "
+            f"{moved}{fo['at_backup']} waiting at {fo['to']}")
 
 
 def error_text(err: object, now: float, width: int = 70) -> str:
@@ -332,7 +387,23 @@ def format_status(snap: Snapshot, now: float) -> str:
     free = f"free {human_mb(snap['free_mb'])}"
     if snap["low_space"]:
         free += f" - BELOW min_free_mb {snap['min_free_mb']}: the receiver refuses C-STOREs"
-    lines = [f"spool {snap['spool']}  ({free})", _serve_line(snap["serve"]), ""]
+    lines = [f"spool {snap['spool']}  ({free})", _serve_line(snap["serve"])]
+    own = snap.get("owner")
+    if own:
+        lines.append(f"spool id {snap.get('spool_id') or '?'}, owned by serve pid "
+                     f"{own.get('pid')} on {own.get('host')} (epoch {own.get('epoch')}, "
+                     f"since {own.get('since')})")
+    drained = snap.get("draining")
+    if drained:
+        lines.append(f"DRAINING since {drained.get('at', '?')} (by {drained.get('by', '?')}): "
+                     "new associations are refused; `hermes-py undrain` ends it")
+    expires = snap.get("tls_certificate_expires")
+    if expires:
+        left = (parse_iso(expires) or now) - now
+        warn = " - RENEW IT" if left < 30 * DAY else ""
+        lines.append(f"receiver TLS certificate expires {expires} "
+                     f"({'in ' + human_age(left) if left > 0 else 'EXPIRED'}){warn}")
+    lines.append("")
     dests = snap["destinations"]
     if not dests:
         lines.append("no destinations configured")
@@ -345,6 +416,8 @@ def format_status(snap: Snapshot, now: float) -> str:
         table = _table(head, rows, left=2)
         errors = ["LAST ERROR", *(error_text(d.get("last_error"), now) for d in dests.values())]
         lines += [f"{row}  {err}" for row, err in zip(table, errors, strict=True)]
+        lines += [f"{name}: {t}" for name, d in dests.items()
+                  if (t := failover_text(d, now)) is not None]
         # qshape: how old the queued instances are, per destination
         lines.append("")
         bhead = ("AGE (min)", "TOTAL", *(str(m) for m in AGE_BUCKETS_MIN),
@@ -352,6 +425,9 @@ def format_status(snap: Snapshot, now: float) -> str:
         brows = [(n, str(d.get("queued")), *(str(x) for x in d.get("age_buckets", [])))
                  for n, d in dests.items()]
         lines += _table(bhead, brows, left=1)
+    alert_lines = alerts_text(snap.get("alerts"))
+    if alert_lines:
+        lines += ["", *alert_lines]
     f = snap["folders"]
     drop = f"{f['drop']}+" if f["drop_capped"] else str(f["drop"])
     lines.append("")
@@ -376,3 +452,26 @@ def status(cfg: Settings) -> Status:
     spool = open_spool(cfg)
     now = time.time()
     return Status(snapshot(cfg, spool, now), now)
+
+
+@dataclass
+class Statuses(Result):
+    """``status --spools A,B``: several routers' spools (same rules.toml) in one view."""
+
+    each: dict[str, Status]
+
+    def text(self) -> str:
+        return "\n\n".join(f"== {path}\n{st.text()}" for path, st in self.each.items())
+
+    def to_json(self) -> Any:
+        return {path: st.to_json() for path, st in self.each.items()}
+
+
+def statuses(cfg: Settings, spools: list[str]) -> Statuses:
+    """Read-only: each spool with this configuration's destinations (plus what is on disk)."""
+    each = {}
+    for raw in spools:
+        path = Path(raw).expanduser().resolve()
+        other = dataclasses.replace(cfg, spool=dataclasses.replace(cfg.spool, path=path))
+        each[str(path)] = status(other)
+    return Statuses(each)

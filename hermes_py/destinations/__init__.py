@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 _MODULES = {
     "dicom": "hermes_py.destinations.dicom",
+    "folder": "hermes_py.destinations.folder",
+    "dicomweb": "hermes_py.destinations.dicomweb",
 }
 TYPE_NAMES = tuple(_MODULES)
 
@@ -39,8 +41,13 @@ def create(settings: DestinationSettings, label: str = "",
            workspace: Workspace | None = None) -> Destination:
     """A new sender for one worker thread (never share them)."""
     kind = type_of(settings)
-    return kind.create(settings, label) if workspace is None \
+    sender = kind.create(settings, label) if workspace is None \
         else kind.create(settings, label, workspace)
+    if settings.coerce is not None:
+        from hermes_py.destinations.base import SYSTEM_TEMP
+        from hermes_py.destinations.coerced import CoercedDestination
+        return CoercedDestination(sender, settings.coerce, workspace or SYSTEM_TEMP)
+    return sender
 
 
 def describe(settings: DestinationSettings) -> str:

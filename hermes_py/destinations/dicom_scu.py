@@ -48,7 +48,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
-from hermes_py import outcomes, pynetdicom_compat
+from hermes_py import outcomes, pynetdicom_compat, tls
 from hermes_py.destinations import negotiation, transcode
 from hermes_py.destinations.base import SYSTEM_TEMP, Destination, Item, Probe, Report, Workspace
 from hermes_py.destinations.dicom import DicomSettings
@@ -91,6 +91,9 @@ class DicomDestination(Destination):
         self._last_rejected: list[PresentationContext] = []
         # SOP Instance UIDs whose send ended the association since the last answer.
         self._severed: set[str] = set()
+        t = settings.tls
+        self._tls = ((tls.client_context(t), t.server_name or settings.host)
+                     if t is not None else None)
 
     # ------------------------------------------------------------ the batch
 
@@ -195,7 +198,10 @@ class DicomDestination(Destination):
 
         t0 = time.monotonic()
         assoc = self.ae.associate(s.host, s.port, contexts=contexts, ae_title=s.ae_title,
-                                  max_pdu=MAX_PDU, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+                                  max_pdu=MAX_PDU, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+                                  tls_args=self._tls,
+                                  bind_address=(s.source_address, 0) if s.source_address
+                                  else None)
         if assoc.is_established:
             pynetdicom_compat.set_nodelay(assoc)
             pynetdicom_compat.return_stolen_responses(assoc)
@@ -207,6 +213,13 @@ class DicomDestination(Destination):
         if assoc.is_rejected and p is not None:
             return None, outcomes.classify_reject(int(p.result or 0), int(p.result_source or 0),
                                                   int(p.diagnostic or 0))
+        if self._tls is not None:
+            # pynetdicom only logs a TLS failure; it looks like refused or an abort.
+            why = tls.diagnose(s.host, s.port, self._tls[0], self._tls[1],
+                               s.connection_timeout)
+            if why is not None:
+                return None, LinkFailure(LinkKind.TLS_FAILED, f"{s.host}:{s.port}: {why}",
+                                         misconfigured=True)
         if not opened.is_set():
             return None, self._connect_failure(waited)
         if p is not None and self._last_rejected and not assoc.accepted_contexts:

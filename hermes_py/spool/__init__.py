@@ -18,6 +18,7 @@ Layout under the spool root::
     success/<dest>/ error/[<dest>/] discard/      the stages (lifecycle.Stage)
     state/                per-destination state (<dest>.json), hold/flush flags
     locks/                flock files of single-instance stages
+    alerts/pending/ alerts/sent/ alerts/failed/   the alert outbox (spool/alerts.py)
 
 Each instance is ``<name>.dcm`` with ``<name>.json`` (its sidecar) beside it. The
 ``.dcm`` is the commit point: a stage acts on ``*.dcm`` only, writes the sidecar
@@ -40,13 +41,15 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from hermes_py.lifecycle import Stage
 from hermes_py.spool import durable
+from hermes_py.spool.alerts import AlertOutbox
+from hermes_py.spool.claims import Worker
+from hermes_py.spool.drops import Drops
 from hermes_py.spool.durable import (
     Lock,
     SidecarBatch,
@@ -59,9 +62,7 @@ from hermes_py.spool.durable import (
 )
 from hermes_py.spool.names import (
     DCM,
-    FROM_INCOMING,
     JSON,
-    SEND_BATCH,
     is_name,
     new_name,
     now_iso,
@@ -71,7 +72,6 @@ from hermes_py.spool.names import (
     sanitize,
     uid_of_name,
 )
-from hermes_py.spool.claims import Worker
 from hermes_py.spool.places import Place, Scan, expand
 from hermes_py.spool.sidecar import Sidecar, of, quarantined
 from hermes_py.spool.sweeps import TMP_LOCK, Sweeps, remove_files
@@ -93,7 +93,7 @@ class Flag(enum.StrEnum):
     FLUSH = "flush"    # present = everything due now and backoff forgotten, once
 
 
-class Spool(Sweeps):
+class Spool(Sweeps, Drops):
     """One spool root. Cheap to construct; holds no open resources."""
 
     def __init__(self, root: Path | str):
@@ -149,9 +149,26 @@ class Spool(Sweeps):
     def outbox(self, dest: str, priority: str = "normal") -> Path:
         return self.folder(Stage.URGENT if priority == URGENT else Stage.OUTGOING, dest)
 
-    def outboxes(self, dest: str) -> tuple[Path, Path]:
-        """Urgent first: the order a dispatcher drains them in."""
-        return self.outbox(dest, URGENT), self.outbox(dest)
+    def outboxes(self, dest: str) -> tuple[Path, ...]:
+        """Every queue folder of ``dest`` in the order a dispatcher drains them: urgent/,
+        then what other destinations failed over to it, then the rest."""
+        backups = tuple(p.path for p in self.places(Stage.FAILOVER, dest))
+        return (self.outbox(dest, URGENT), *backups, self.outbox(dest))
+
+    def failover_queue(self, backup: str, primary: str) -> Path:
+        """``outgoing/<backup>/failover/<primary>/``: the backup's queue of the primary's work."""
+        return self.folder(Stage.FAILOVER, backup, self.dest_folder(primary))
+
+    def diverted_dir(self, dest: str) -> Path:
+        return self.folder(Stage.DIVERTED, dest)
+
+    def queue_for(self, dest: str, sidecar: Mapping[str, Any]) -> Path:
+        """The queue folder a copy of ``dest`` with this sidecar belongs in (its priority, or
+        the failover queue of the destination it came from)."""
+        fo = sidecar.get("failover")
+        if isinstance(fo, dict) and fo.get("to") == dest and isinstance(fo.get("from"), str):
+            return self.failover_queue(dest, fo["from"])
+        return self.outbox(dest, str(sidecar.get("priority") or "normal"))
 
     def success_dir(self, dest: str) -> Path:
         return self.folder(Stage.SUCCESS, dest)
@@ -162,6 +179,15 @@ class Spool(Sweeps):
     def state_file(self, dest: str) -> Path:
         return self.state / f"{self.dest_folder(dest)}.json"
 
+    def failover_file(self, dest: str) -> Path:
+        """``state/<dest>.failover.json``: present while ``dest`` is failed over (failover.py)."""
+        return self.state / f"{self.dest_folder(dest)}.failover.json"
+
+    @property
+    def drain_file(self) -> Path:
+        """``state/drain``: present = the receivers refuse new associations (hermes-py drain)."""
+        return self.state / "drain"
+
     @property
     def serve_state(self) -> Path:
         """``state/serve.json``: serve and its children, for ``status``."""
@@ -169,6 +195,21 @@ class Spool(Sweeps):
 
     def flag(self, dest: str, flag: Flag) -> Path:
         return self.state / f"{self.dest_folder(dest)}.{flag}"
+
+    @property
+    def web_dir(self) -> Path:
+        """``state/web/``: the web page's users and API token hashes (hermes_py.web)."""
+        return self.state / "web"
+
+    @property
+    def alerts(self) -> AlertOutbox:
+        """``alerts/pending|sent|failed/`` and ``state/alerts.json`` (spool.alerts)."""
+        return AlertOutbox(self)
+
+    @property
+    def events_log(self) -> Path:
+        """``state/events.jsonl``: serve's bounded ring of recent events (spool.eventlog)."""
+        return self.state / "events.jsonl"
 
     def lock(self, name: str) -> Lock:
         """flock for a single-instance stage ("router", "serve", ...)."""
@@ -203,7 +244,7 @@ class Spool(Sweeps):
                 (self.root / pattern.split("/")[0]).mkdir(exist_ok=True)
         for name in destinations:
             for st in Stage:
-                if st.facts.per_destination:
+                if st.facts.per_destination and st.facts.eager:
                     self.folder(st, name).mkdir(parents=True, exist_ok=True)
 
     def destinations_on_disk(self) -> list[str]:
@@ -369,7 +410,13 @@ class Spool(Sweeps):
         if sidecar is not None or written:
             if sidecar is not None:
                 self.write_json(folder / (name + JSON), sidecar, mtime)
-            os.replace(dcm, dst)
+            try:
+                os.replace(dcm, dst)
+            except FileNotFoundError:
+                if sidecar is not None:  # someone moved it first: ours describes nothing
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(folder / (name + JSON))
+                raise
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(old_json)
         else:
@@ -398,6 +445,11 @@ class Spool(Sweeps):
         except FileExistsError:
             if not os.path.samefile(dcm, dst):
                 raise
+        except FileNotFoundError:
+            if sidecar is not None:  # the source moved on: the sidecar we wrote is nobody's
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(folder / (dcm.stem + JSON))
+            raise
         return dst
 
     def remove(self, dcm: Path) -> bool:
@@ -454,50 +506,6 @@ class Spool(Sweeps):
         except FileNotFoundError:
             return False
         return True
-
-    def deposit(self, src: Path, target: Path) -> None:
-        """Put a copy of ``src`` at ``target`` under drop/, whole or not at all."""
-        tmp = self.copy_in(src, suffix=".send")
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            self.discard_temp(tmp)
-            raise
-
-    def misplaced(self, folder: Path) -> list[Path]:
-        """Files in a stage folder whose names the spool did not make (put there by hand).
-
-        Hidden files are left alone (an editor's, a sync tool's), like the intake does.
-        """
-        try:
-            with os.scandir(folder) as it:
-                return sorted(Path(e.path) for e in it
-                              if not e.name.startswith(".") and e.is_file(follow_symlinks=False)
-                              and not (e.name.endswith((DCM, JSON))
-                                       and is_name(e.name.rsplit(".", 1)[0])))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-
-    def send_batch(self) -> Path:
-        """A new drop/ folder for one ``hermes-py send`` (filled by ``deposit`` only)."""
-        return self.drop / f"{SEND_BATCH}{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}"
-
-    def to_drop(self, path: Path) -> Path:
-        """Hand a misplaced file to the intake: into ``drop/from-incoming/``, a free name kept."""
-        folder = self.drop / FROM_INCOMING
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / path.name
-        n = 1
-        while target.exists():
-            n += 1
-            target = folder / f"{path.stem}~{n}{path.suffix}"
-        os.rename(path, target)
-        return target
-
-    def take_dropped(self, path: Path) -> None:
-        """Remove a dropped file the intake has published a copy of."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
     def set_flag(self, dest: str, flag: Flag, by: str) -> Path:
         path = self.flag(dest, flag)

@@ -131,6 +131,6 @@ class Worker:
 def _back_to_outbox(spool: Spool, dest: str, claimed: Path, sidecar: Sidecar | None,
                     mtime: float | None) -> Path:
     data = sidecar if sidecar is not None else spool.read_sidecar(claimed)
-    folder = spool.outbox(dest, str(data.get("priority", "normal")))
+    folder = spool.queue_for(dest, data)
     folder.mkdir(parents=True, exist_ok=True)
     return spool.move(claimed, folder, sidecar, mtime=mtime)

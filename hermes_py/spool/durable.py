@@ -7,6 +7,7 @@ rename or link landed in. What varies is how many journal commits that costs:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -95,6 +96,52 @@ def fsync_all(files: Iterable[Path | str], dirs: Iterable[Path | str] = (),
     for d in dirs:
         fsync_dir(d)
     return took
+
+
+def export_copy(src: Path, target: Path, chunk: int = 1 << 20) -> bool:
+    """Copy ``src`` to ``target`` outside the spool, whole or not at all, never overwriting.
+
+    Written to a hidden temp file beside ``target``, fsynced, then hard-linked to its
+    name (a link fails on an existing name, so a file someone else put there is never
+    replaced) and the folder fsynced. Returns False when ``target`` already holds the
+    same bytes (delivered before: a resend after a crash); raises FileExistsError when
+    it holds different ones.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        if _same_bytes(src, target, chunk):
+            return False
+        raise FileExistsError(f"a different file is already at {target}")
+    tmp = target.parent / f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
+    try:
+        with open(src, "rb") as fi, open(tmp, "xb") as fo:
+            while block := fi.read(chunk):
+                fo.write(block)
+            fo.flush()
+            os.fsync(fo.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            if _same_bytes(src, target, chunk):
+                return False
+            raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(target.parent)
+    return True
+
+
+def _same_bytes(a: Path, b: Path, chunk: int) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def dump_json(data: Any) -> bytes:

@@ -83,6 +83,31 @@ class Attempt(TypedDict, total=False):
     previous_error: ErrorRecord
 
 
+# "from" is a keyword, hence the functional form.
+Failover = TypedDict("Failover", {
+    "from": str, "to": str, "mode": str, "at": str, "reason": str,
+}, total=False)
+Failover.__doc__ = """``failover``: this copy took (backup's queue) or gave (diverted/) the other
+path."""
+
+Resent = TypedDict("Resent", {"from": str, "by": str, "at": str}, total=False)
+Resent.__doc__ = """``resent``: an admin queued this copy from another copy (hermes-py resend)."""
+
+
+class Coerced(TypedDict, total=False):
+    """``coerced``: the keywords a destination's coercion set and removed (never values)."""
+
+    set: list[str]
+    removed: list[str]
+
+
+class CommitFailed(TypedDict, total=False):
+    """``commit_failed`` (advisory storage commitment): the report said it is not stored."""
+
+    at: str
+    reason: str
+
+
 class ErrorRecord(TypedDict, total=False):
     """``error``: why the copy is in error/ or error/<dest>/."""
 
@@ -131,6 +156,12 @@ class CopyFacts(TypedDict, total=False):
     warnings: list[str]
     error: ErrorRecord
     discard: Discard
+    failover: Failover
+    resent: Resent
+    coerced: Coerced
+    committed_at: str
+    commit_transaction: str
+    commit_failed: CommitFailed
 
 
 class Sidecar(Received, CopyFacts, total=False):
@@ -296,6 +327,41 @@ def requeued(data: Sidecar, dest: str, at: float, by: str) -> Sidecar:
     new["queued_at"] = now_iso(at)
     new["next_attempt"] = now_iso(at)
     return new
+
+
+def diverted(data: Sidecar, failover: Failover) -> Sidecar:
+    """The primary's copy a divert moved to diverted/<dest>/: its record of the other path."""
+    out = of(data)
+    out["failover"] = failover
+    out["next_attempt"] = None
+    return out
+
+
+def failed_over(data: Sidecar, failover: Failover) -> Sidecar:
+    """The backup's copy of an instance failed over to it: queued there, saying from where."""
+    out = queued(data, failover.get("to", ""), str(data.get("priority") or "normal"),
+                 failover.get("at") or now_iso())
+    out["failover"] = failover
+    return out
+
+
+def returned(diverted_record: Sidecar, dest: str, at: float) -> Sidecar:
+    """A diverted copy given back to its destination at failback, before the backup sent it."""
+    out = of(diverted_record)
+    fo = out.pop("failover", None)
+    entry = Attempt(at=now_iso(at), outcome="returned",
+                    reason=f"failback: {fo.get('to') if fo else 'the backup'} had not sent it")
+    out["history"] = _capped(out, [*(out.get("history") or []), entry])
+    out["destination"] = dest
+    out["next_attempt"] = now_iso(at)
+    return out
+
+
+def resent(base: Sidecar, dest: str, priority: str, at: float, source: str, by: str) -> Sidecar:
+    """A copy an admin queues for ``dest`` from ``source`` (a stage and destination)."""
+    out = queued(base, dest, priority, now_iso(at))
+    out["resent"] = Resent({"from": source, "by": by, "at": now_iso(at)})
+    return out
 
 
 def quarantined(data: Mapping[str, Any], stage: str, reason: str,

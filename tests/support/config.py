@@ -73,6 +73,16 @@ class Dest:
         return toml_table(f"destinations.{self.name}", values)
 
 
+@dataclass
+class TypedDest(Dest):
+    """A destination of another type than dicom: ``type`` and its ``options`` only."""
+
+    type: str = "folder"
+
+    def toml(self) -> str:
+        return toml_table(f"destinations.{self.name}", {"type": self.type, **self.options})
+
+
 def dest(name: str, port: int | None = None, ae_title: str = "DEST", **options: object) -> Dest:
     """``Dest`` with its options as keywords: ``dest("pacs", scp.port, batch_size=200)``."""
     return Dest(name, free_port() if port is None else port, ae_title, dict(options))
@@ -104,6 +114,7 @@ class Config:
     intake: dict[str, object] | None = None
     retry: dict[str, object] | None = field(default_factory=lambda: dict(RETRY))
     metrics: dict[str, object] | None = None
+    health: dict[str, object] | None = field(default_factory=dict)
 
     @property
     def port(self) -> int:
@@ -117,7 +128,8 @@ class Config:
     def render(self) -> str:
         parts = [toml_table(header, values) for header, values in (
             ("receiver", self.receiver), ("spool", self.spool), ("intake", self.intake),
-            ("retry", self.retry), ("metrics", self.metrics)) if values is not None]
+            ("retry", self.retry), ("metrics", self.metrics), ("health", self.health))
+            if values is not None]
         parts += [d.toml() for d in self.destinations]
         if self.rules:
             parts.append(self.rules)

@@ -47,6 +47,7 @@ from tests.support.dicomgen import PRIVATE_SOP_CLASS, dataset_bytes, uid_of
 register_uid(PRIVATE_SOP_CLASS, "HermesTestPrivateStorage", StorageServiceClass)
 
 LOOPBACK = "127.0.0.1"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 class WaitTimeout(AssertionError):
@@ -473,11 +474,16 @@ class Orthanc:
 
     ``lua`` is an optional script body (the benchmark uses the canonical
     autorouting one-liner); ``modalities`` maps names to (AET, host, port).
+    ``dicomweb`` loads the DICOMweb plugin (Debian ``orthanc-dicomweb``): STOW-RS at
+    ``dicomweb_url``; ``users`` turns on HTTP basic auth with these user: password pairs.
     """
 
     def __init__(self, workdir: Path, ae_title: str = "ORTHANC",
                  modalities: dict[str, tuple[str, str, int]] | None = None,
-                 lua: str | None = None):
+                 lua: str | None = None, dicomweb: bool = False,
+                 users: dict[str, str] | None = None):
+        self.dicomweb = dicomweb
+        self.users = users or {}
         self.workdir = Path(workdir)
         self.ae_title = ae_title
         self.dicom_port = free_port()
@@ -500,6 +506,15 @@ class Orthanc:
             "UnknownSopClassAccepted": True, "ConcurrentJobs": 2,
             "StableAge": 1, "SaveJobs": False,
         }
+        if self.dicomweb:
+            plugin = Path(DICOMWEB_PLUGIN)
+            if not plugin.exists():
+                raise ToolMissing(f"{plugin} not installed (apt-get install orthanc-dicomweb)")
+            cfg["Plugins"] = [str(plugin)]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        if self.users:
+            cfg["AuthenticationEnabled"] = True
+            cfg["RegisteredUsers"] = dict(self.users)
         if self.lua:
             (self.workdir / "route.lua").write_text(self.lua)
             cfg["LuaScripts"] = [str(self.workdir / "route.lua")]
@@ -511,9 +526,20 @@ class Orthanc:
         wait_port(self.http_port, 60)
         return self
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The STOW-RS base (instances are POSTed to ``{dicomweb_url}/studies``)."""
+        return f"http://{LOOPBACK}:{self.http_port}/dicom-web"
+
     def api(self, path: str) -> Any:
+        import base64
         import urllib.request
-        with urllib.request.urlopen(f"http://{LOOPBACK}:{self.http_port}{path}", timeout=30) as r:
+        req = urllib.request.Request(f"http://{LOOPBACK}:{self.http_port}{path}")
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
     def instance_count(self) -> int:

@@ -226,6 +226,70 @@ def receive(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
     return Run(dt)
 
 
+# The four-modality scenario: this many dcmsend at once, each a quarter of the corpus.
+SENDERS = 4
+# [receiver] processes for hermes_py there unless --receiver-processes says otherwise.
+PARALLEL_PROCESSES = 2
+
+
+def _send_parallel(port: int, c: corpus_mod.Corpus, called: str, ctx: Context) -> float:
+    """SENDERS dcmsend at once (calling MOD1..MOD4), each its share of ``c``; the seconds
+    until the last one exits, every instance answered Success."""
+    shares = [c.files[i::SENDERS] for i in range(SENDERS)]
+    box: dict[int, Any] = {}
+
+    def go(i: int) -> None:
+        try:
+            box[i] = peers.dcmsend(port, shares[i], called=called, calling=f"MOD{i + 1}",
+                                   timeout=ctx.stall + c.count * 2.0)
+        except BaseException as e:  # surfaced below
+            box[i] = e
+
+    threads = [threading.Thread(target=go, args=(i,), daemon=True) for i in range(SENDERS)]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(ctx.stall + c.count * 2.0 + 30)
+    dt = time.time() - t0
+    for i, share in enumerate(shares):
+        r = box.get(i)
+        if not isinstance(r, subprocess.CompletedProcess):
+            raise BenchError(f"dcmsend MOD{i + 1}: {r!r}")
+        _check_dcmsend(r, len(share))
+    return dt
+
+
+def receive_parallel(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
+    """Four modalities at once into ``hermes-py receive`` x PARALLEL_PROCESSES (SO_REUSEPORT,
+    what serve starts with ``[receiver] processes``)."""
+    n = ctx.receiver_processes or PARALLEL_PROCESSES
+    port = peers.free_port()
+    cfg = write_config(d, port, peers.free_port(), receiver_processes=n)
+    with contextlib.ExitStack() as stack:
+        hs = [stack.enter_context(HermesProc(["receive"], cfg, d / f"hermes-{i}.log"))
+              for i in range(n)]
+        for h in hs:
+            h.wait_ready(port)
+        samplers = [stack.enter_context(RssSampler(h.pid)) for h in hs]
+        dt = _send_parallel(port, c, "HERMES", ctx)
+    for rss in samplers:
+        merge_peaks(ctx.rss_peak_mb, rss.peak_mb)
+    got = _count_dcm(d / "spool" / "incoming")
+    if got != c.count:
+        raise BenchError(f"spool/incoming/ holds {got} instances, sent {c.count}")
+    return Run(dt, {"receiver_processes": n})
+
+
+def orthanc_receive_parallel(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
+    with peers.Orthanc(d / "orthanc") as orth:
+        dt = _send_parallel(orth.dicom_port, c, "ORTHANC", ctx)
+        got = orth.instance_count()
+    if got != c.count:
+        raise BenchError(f"Orthanc holds {got} instances, sent {c.count}")
+    return Run(dt)
+
+
 def relay(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
     port = peers.free_port()
     with _storescp(d / "storescp") as scp:
@@ -316,6 +380,7 @@ def orthanc_relay(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
 RUNNERS: dict[str, Callable[[Context, corpus_mod.Corpus, Path], Run]] = {
     "direct": direct, "receive": receive, "relay": relay, "pynetdicom-receive": pynetdicom_receive,
     "orthanc-receive": orthanc_receive, "orthanc-relay": orthanc_relay,
+    "receive4": receive_parallel, "orthanc-receive4": orthanc_receive_parallel,
 }
 
 

@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--all", action="store_true")
     add("drain", "refuse new associations (transient) while the queues empty: out of rotation")
     add("undrain", "accept new associations again")
+    ad = add("adopt", "take over the queues of another (retired or fenced) router's spool")
+    ad.add_argument("path", type=Path, help="the other spool's folder")
+    ad.add_argument("--map", action="append", default=[], metavar="OLD=NEW",
+                    help="send the old spool's destination OLD's work to NEW (repeatable)")
+    ad.add_argument("--dry-run", action="store_true", help="only count what would move")
+    ad.add_argument("--json", action="store_true")
     rs = add("resend", "queue copies of instances still in the spool for a destination")
     rs.add_argument("names", nargs="*", metavar="NAME",
                     help="spool names or SOP Instance UIDs")
@@ -194,6 +200,9 @@ def _admin(args: argparse.Namespace, cfg: Settings) -> Result:
     if v in ("drain", "undrain"):
         from hermes_py.admin import drain
         return drain.drain(cfg) if v == "drain" else drain.undrain(cfg)
+    if v == "adopt":
+        from hermes_py.admin import adopt
+        return adopt.adopt(cfg, args.path, args.map, dry_run=args.dry_run)
     if v == "resend":
         from hermes_py.admin import resend
         return resend.resend(cfg, args.to, args.names, study=args.study, series=args.series,

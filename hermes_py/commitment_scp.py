@@ -1,4 +1,4 @@
-"""Storage commitment reports (N-EVENT-REPORT) as they arrive: on disk first, then answered.
+"""Storage commitment on the wire: our N-ACTION out, the N-EVENT-REPORT in (on disk, then answered).
 
 A report is the destination's word that it took responsibility for instances;
 once we answer it Success the destination may never send it again. So the
@@ -19,17 +19,28 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
-from hermes_py.spool import Spool, now_iso, sanitize
+from hermes_py.config import DestinationSettings
+from hermes_py.outcomes import hex_status
+from hermes_py.spool import JSON, Spool, now_iso, sanitize
+
+if TYPE_CHECKING:   # pynetdicom is imported when something is sent or received, not by status
+    from pynetdicom import AE, evt
 
 LOG = logging.getLogger(__name__)
+
+PUSH_MODEL = "1.2.840.10008.1.20.1"   # Storage Commitment Push Model SOP Class
+
+# How long our N-ACTION's association stays open for a report on it (PS3.4 J.3.3 lets
+# the SCP use it); a report on a new association to the receiver ends the wait too.
+SAME_ASSOCIATION_WAIT = 1.0
 
 SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110
@@ -61,7 +72,13 @@ def reports_dir(spool: Spool) -> Path:
 
 def add_context(ae: AE) -> None:
     """Let a destination call us to report: it proposes the SCP role of the Push Model."""
-    ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    ae.add_supported_context(PUSH_MODEL, scu_role=False, scp_role=True)
+
+
+def only_reports(rq: Any) -> bool:
+    """An A-ASSOCIATE-RQ proposing nothing but the Push Model: a destination reporting."""
+    cxs = list(getattr(rq, "presentation_context_definition_list", None) or [])
+    return bool(cxs) and all(cx.abstract_syntax == PUSH_MODEL for cx in cxs)
 
 
 def _uid(value: object) -> str:
@@ -122,3 +139,76 @@ def handler(spool: Spool) -> Callable[[evt.Event], tuple[int, Dataset | None]]:
         return SUCCESS, None
 
     return on_report
+
+
+# ---------------------------------------------------------------- the N-ACTION
+
+
+def send_n_action(spool: Spool, settings: DestinationSettings, uid: str,
+                  refs: Sequence[Mapping[str, Any]]) -> str | None:
+    """One N-ACTION (Request Storage Commitment) on an association of its own; None = sent.
+
+    A report the peer sends back on this association before we release it is
+    stored like one that comes to the receiver; after a Success we keep the
+    association up to SAME_ASSOCIATION_WAIT for one, unless the report came to
+    the receiver first (Orthanc's way, ~0.1 s).
+    """
+    from pynetdicom import evt
+    from pynetdicom.presentation import build_context
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StorageCommitmentPushModel,
+        StorageCommitmentPushModelInstance,
+    )
+
+    from hermes_py.destinations.dicom import DicomSettings
+    from hermes_py.destinations.dicom_scu import DicomDestination
+
+    if not isinstance(settings, DicomSettings):
+        return "storage commitment needs a dicom destination"
+    ds = Dataset()
+    ds.TransactionUID = uid
+    items = []
+    for r in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = r["sop_class_uid"]
+        item.ReferencedSOPInstanceUID = r["sop_instance_uid"]
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    dest = DicomDestination(settings, label=f"{settings.name}-commit")
+    try:
+        assoc, failure = dest.associate([build_context(StorageCommitmentPushModel)])
+        if assoc is None:
+            return (str(failure) if failure is not None else
+                    "the destination does not accept the Storage Commitment Push Model")
+        store = handler(spool)
+        came = threading.Event()
+
+        def on_report(event: evt.Event) -> tuple[int, Dataset | None]:
+            answer: tuple[int, Dataset | None] = store(event)
+            came.set()
+            return answer
+
+        code, status = -1, None
+        try:
+            assoc.bind(evt.EVT_N_EVENT_REPORT, on_report)
+            status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel,
+                                            StorageCommitmentPushModelInstance)
+            code = int(getattr(status, "Status", -1)) if status else -1
+            if code == 0:
+                deadline = time.monotonic() + SAME_ASSOCIATION_WAIT
+                stored = reports_dir(spool)
+                while (assoc.is_established and time.monotonic() < deadline
+                       and not came.wait(0.02)
+                       and not any(stored.glob(f"{sanitize(uid)}.*{JSON}"))):
+                    pass
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if not status:
+            return "no N-ACTION response (timeout or abort)"
+        return None if code == 0 else f"N-ACTION answered {hex_status(code)}"
+    except Exception as e:  # a failed request is retried; it must not stop the upkeep
+        LOG.debug("N-ACTION to %s failed", settings.name, exc_info=True)
+        return f"{type(e).__name__}: {e}"
+    finally:
+        dest.close()

@@ -75,6 +75,9 @@ class ReceiverSettings:
     dimse_timeout: Duration = 60.0
     network_timeout: Duration = 120.0
     tls: ReceiverTLS | None = None   # [receiver.tls]: a TLS listener beside the plain port
+    # PROXY protocol v1/v2 (proxy_protocol.py), only from these addresses/networks
+    proxy_protocol: bool = False
+    load_balancers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,9 +202,12 @@ def _parse_receiver(p: Reader, rd: Mapping[str, Any]) -> ReceiverSettings:
         if not isinstance(a, str) or not AE_RE.match(a):
             raise p.err(table, "allowed_calling_aets", f"invalid AE title {a!r}")
     tls = parse_receiver(p, (*table, "tls"), rd["tls"]) if "tls" in rd else None
+    balancers = _parse_balancers(p, table, rd)
     receiver = ReceiverSettings(allowed_calling_aets=tuple(a.strip() for a in aets), tls=tls,
+                                load_balancers=balancers,
                                 **p.fields(table, rd, ReceiverSettings,
-                                           skip=("allowed_calling_aets", "tls")))
+                                           skip=("allowed_calling_aets", "tls",
+                                                 "load_balancers")))
     p.at_least_one(table, "max_associations", receiver.max_associations)
     p.at_least_one(table, "processes", receiver.processes)
     if receiver.max_pdu_size != 0 and receiver.max_pdu_size < 4096:
@@ -209,6 +215,29 @@ def _parse_receiver(p: Reader, rd: Mapping[str, Any]) -> ReceiverSettings:
     if tls is not None and tls.port == receiver.port:
         raise p.err((*table, "tls"), "port", f"must differ from [receiver] port {receiver.port}")
     return receiver
+
+
+def _parse_balancers(p: Reader, table: tuple[str | int, ...],
+                     rd: Mapping[str, Any]) -> tuple[str, ...]:
+    """``load_balancers``: who may speak the PROXY protocol; only with ``proxy_protocol``."""
+    entries = p.get(table, rd, "load_balancers", list, [])
+    if not all(isinstance(e, str) for e in entries):
+        raise p.err(table, "load_balancers", "expected a list of addresses or networks "
+                                             '(e.g. ["10.0.0.5", "10.0.1.0/24"])')
+    # imported here: proxy_protocol pulls in pynetdicom, which the web and alert
+    # children (and every `hermes-py status`) would otherwise load for nothing
+    from hermes_py import proxy_protocol
+    try:
+        proxy_protocol.networks(entries)
+    except ValueError as e:
+        raise p.err(table, "load_balancers", str(e)) from None
+    on = p.get(table, rd, "proxy_protocol", bool, False)
+    if on and not entries:
+        raise p.err(table, "proxy_protocol", "needs load_balancers (the addresses whose "
+                                             "PROXY header is trusted)")
+    if entries and not on:
+        raise p.err(table, "load_balancers", "has no effect without proxy_protocol = true")
+    return tuple(e.strip() for e in entries)
 
 
 def _parse_spool(p: Reader, sd: Mapping[str, Any], config_path: Path) -> SpoolSettings:

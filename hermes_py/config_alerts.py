@@ -10,12 +10,15 @@ more than routing:
 - a file that cannot be read is a ``rules check`` error now, not a silent
   failure at 3 a.m. when the first alert is due;
 - an event name a channel subscribes to must exist: a typo would mean a channel
-  that never fires.
+  that never fires;
+- an apprise channel without apprise installed (it is the optional extra
+  ``hermes-py[alerts]``) is an error here, not an alert that can never be sent.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,8 @@ from hermes_py.config_reader import Duration, Reader, keys_of
 # The events a channel can subscribe to (lifecycle.Event values), and "test".
 ALERT_EVENTS = ("destination_down", "destination_recovered", "destination_misconfigured",
                 "failover_started", "failback", "gave_up", "queue_delayed", "disk_low",
-                "receiving_refused", "process_flapping")
+                "receiving_refused", "process_flapping", "destination_not_committing",
+                "cert_expiring")
 CHANNEL_TYPES = ("webhook", "email", "apprise", "command")
 
 
@@ -39,6 +43,7 @@ class ChannelSettings:
     events: tuple[str, ...] = ("*",)
     destinations: tuple[str, ...] = ()      # empty: every destination (and the rest)
     timeout: Duration = 10.0
+    ca_file: str = ""           # webhook (https) and email (STARTTLS): a private CA's PEM
     # webhook
     url: str = ""
     url_file: str = ""
@@ -83,8 +88,9 @@ class AlertSettings:
 
 _COMMON = {"type", "events", "destinations", "timeout"}
 _TYPE_KEYS = {
-    "webhook": _COMMON | {"url", "url_file", "hmac_secret_file"},
-    "email": _COMMON | {"host", "port", "starttls", "username", "password_file", "from", "to"},
+    "webhook": _COMMON | {"url", "url_file", "hmac_secret_file", "ca_file"},
+    "email": _COMMON | {"host", "port", "starttls", "username", "password_file", "from", "to",
+                        "ca_file"},
     "apprise": _COMMON | {"urls_file"},
     "command": _COMMON | {"argv"},
 }
@@ -143,7 +149,7 @@ def _channel(p: Reader, name: str, data: Any, dests: Mapping[str, object]) -> Ch
                                                f"{', '.join(sorted(dests)) or 'none'})")
     p.positive(table, "timeout", ch.timeout)
     files: dict[str, Any] = {k: _readable(p, table, k, getattr(ch, k))
-             for k in ("url_file", "hmac_secret_file", "password_file", "urls_file")
+             for k in ("url_file", "hmac_secret_file", "password_file", "urls_file", "ca_file")
              if getattr(ch, k)}
     ch = dataclasses.replace(ch, **files)
     if ctype == "webhook":
@@ -163,9 +169,13 @@ def _channel(p: Reader, name: str, data: Any, dests: Mapping[str, object]) -> Ch
                         "username and password_file go together")
         if not 0 < ch.port <= 65535:
             raise p.err(table, "port", f"port out of range: {ch.port}")
-    elif ctype == "apprise" and not ch.urls_file:
-        raise p.err(table, "urls_file", "missing (a file with one Apprise URL a line)",
-                    line_key="type")
+    elif ctype == "apprise":
+        if importlib.util.find_spec("apprise") is None:
+            raise p.err(table, "type", "apprise is not installed: pip install "
+                        "'hermes-py[alerts]' (or use a webhook, email or command channel)")
+        if not ch.urls_file:
+            raise p.err(table, "urls_file", "missing (a file with one Apprise URL a line)",
+                        line_key="type")
     elif ctype == "command" and not ch.argv:
         raise p.err(table, "argv", "missing (the program and its arguments, a list)",
                     line_key="type")

@@ -10,11 +10,14 @@ web listener must obey, which are about security more than about routing:
   which is how Hermes and mercure shipped;
 - the Host header is checked against the names the listener is reached by
   (:meth:`WebSettings.allowed_hosts`), so a DNS-rebinding page cannot talk to a
-  loopback listener through the browser of someone who is logged in.
+  loopback listener through the browser of someone who is logged in;
+- patient name and ID stay off the page unless ``show_patient = true``, and then
+  only an admin who asks sees them, each time written to the log (who, which name).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import ssl
@@ -37,6 +40,7 @@ class WebSettings:
     allow_plain_http: bool = False          # needed for a non-loopback bind without TLS
     session_idle_timeout: Duration = 1800.0  # HIPAA automatic logoff: 30 minutes idle
     hosts: tuple[str, ...] = ()             # further names the page is reached by (DNS, proxy)
+    show_patient: bool = False              # admins may ask for patient name/ID (audited)
 
     @property
     def enabled(self) -> bool:
@@ -100,9 +104,7 @@ def parse_web(p: Reader, data: Mapping[str, Any]) -> WebSettings:
         except (ssl.SSLError, ValueError) as e:
             raise p.err(table, "tls_cert_file",
                         f"cannot use the certificate and key: {e}") from None
-        w = WebSettings(bind=w.bind, port=w.port, tls_cert_file=cert, tls_key_file=key,
-                        allow_plain_http=w.allow_plain_http,
-                        session_idle_timeout=w.session_idle_timeout, hosts=w.hosts)
+        w = dataclasses.replace(w, tls_cert_file=cert, tls_key_file=key)
     if w.enabled and not is_loopback(w.bind) and not w.tls and not w.allow_plain_http:
         raise p.err(table, "bind", f"{w.bind!r} is reachable from the network: set "
                                    "tls_cert_file and tls_key_file, or allow_plain_http = true "

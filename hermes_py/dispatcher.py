@@ -167,6 +167,7 @@ class Dispatcher:
         if self._prober is not None:
             self._prober.close()
             self._prober = None
+        self.commitments.close()
         self.spool.release_private_tmp()
         self.slots = []
         self._upkeep_worker = None
@@ -246,11 +247,13 @@ class Dispatcher:
                 except FileNotFoundError:
                     continue
         self.state.flush(now)
+        asked = self.commitments.flush(now)   # storage commitment asked twice: once more
         self.picker.invalidate()
         self.spool.clear_flag(self.name, Flag.FLUSH)
         emit(LOG, Event.DESTINATION_FLUSHED, dest=self.name, level=logging.WARNING,
              message=f"destination {self.name}: FLUSH requested: {n} queued instance(s) due "
-                     "now, backoff cleared", due=n)
+                     "now, backoff cleared" + (f", {asked} storage commitment request(s) asked "
+                                               "again" if asked else ""), due=n)
 
     def expire(self, now: float) -> int:
         """Move what waited longer than give_up_after (since queued) to error/NAME/.

@@ -185,6 +185,7 @@ class Event(enum.StrEnum):
     FAILBACK = "failback"
     QUEUE_DELAYED = "queue_delayed"
     DISK_LOW = "disk_low"
+    CERT_EXPIRING = "cert_expiring"
     PROCESS_FLAPPING = "process_flapping"
     ALERT_SENT = "alert_sent"
     ALERT_FAILED = "alert_failed"
@@ -269,6 +270,8 @@ _EVENTS: dict[Event, EventFacts] = {
     Event.QUEUE_DELAYED: EventFacts(Scope.DESTINATION, "A destination's oldest queued instance "
                                                        "waited longer than delay_warning"),
     Event.DISK_LOW: EventFacts(Scope.SPOOL, "Free spool space fell under twice min_free_mb"),
+    Event.CERT_EXPIRING: EventFacts(Scope.PROCESS, "A TLS certificate the router presents "
+                                                   "expires within 30 days"),
     Event.PROCESS_FLAPPING: EventFacts(Scope.PROCESS, "serve restarted a child more than 5 "
                                                       "times in 10 minutes"),
     Event.ALERT_SENT: EventFacts(Scope.ALERT, "Alerts a channel accepted (alerts/pending/ to "

@@ -153,6 +153,17 @@ def spool_gauges(cfg: Settings, spool: Spool) -> list[str]:
           "backup (0 when not failed over)",
           [({"destination": n}, float((d.get("failover") or {}).get("diverted", 0)))
            for n, d in dests.items()])
+    committing = [(n, d["commitment"]) for n, d in dests.items() if d.get("commitment")]
+    gauge("hermes_commitment_awaiting", "Instances delivered and waiting for the destination's "
+          "storage commitment report",
+          [({"destination": n}, float(c.get("awaiting") or 0)) for n, c in committing])
+    gauge("hermes_commitment_oldest_wait_seconds", "How long the oldest instance awaiting "
+          "storage commitment has waited",
+          [({"destination": n}, float(c.get("oldest_wait") or 0)) for n, c in committing])
+    gauge("hermes_destination_not_committing", "1 while a destination sends no storage "
+          "commitment report (asked twice)",
+          [({"destination": n}, 1.0 if c.get("not_committing_since") else 0.0)
+           for n, c in committing])
     gauge("hermes_folder_instances", "Instances in the shared folders",
           [({"folder": k}, float(v)) for k, v in folders.items() if k != "drop_capped"])
     gauge("hermes_spool_free_bytes", "Free space on the spool filesystem",

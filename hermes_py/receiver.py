@@ -59,7 +59,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
-from hermes_py import commitment_scp, pynetdicom_compat, tls
+from hermes_py import commitment_scp, proxy_protocol, pynetdicom_compat, tls
 from hermes_py.config import Settings
 from hermes_py.errors import HermesError
 from hermes_py.events import emit
@@ -192,6 +192,7 @@ class Receiver:
         server_class: type[ThreadedAssociationServer] = (
             pynetdicom_compat.ReusePortServer if self.reuse_port
             else pynetdicom_compat.ReceiverServer)
+        server_class = proxy_protocol.behind(server_class, rs)   # when proxy_protocol is on
         handlers: list[evt.EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_C_STORE, self._on_store),
@@ -228,6 +229,7 @@ class Receiver:
         server_class: type[pynetdicom_compat.TLSServer] = (
             pynetdicom_compat.TLSReusePortServer if self.reuse_port
             else pynetdicom_compat.TLSServer)
+        server_class = proxy_protocol.behind(server_class, self.settings)   # before TLS
         try:
             server = ae.make_server((self.settings.bind, t.port), evt_handlers=handlers,
                                     server_class=server_class,
@@ -416,7 +418,8 @@ class Receiver:
         calling = (rq.calling_ae_title if rq is not None else "").strip()
         allowed = self.settings.allowed_calling_aets
         reason = None
-        if self._drain.active():
+        # A drained router still takes the commitment reports for what it sent.
+        if self._drain.active() and not commitment_scp.only_reports(rq):
             reason, rsd = "draining (hermes-py drain): try another router", REJECT_DRAINING
         elif allowed and calling not in allowed:
             reason, rsd = "calling AE title not allowed", REJECT_CALLING_AE

@@ -68,6 +68,9 @@ def _results() -> list[Result]:
         Result("relay", "ct", 10, 5_000_000, [4.0]),                    # 1.25 MB/s
         Result("orthanc-receive", "ct", 10, 5_000_000, [2.0]),
         Result("receive", "ct", 10, 5_000_000, [1.0]),
+        Result("pynetdicom-receive", "small", 100, 1_000_000, [2.0]),   # 50/s
+        Result("receive4", "small", 100, 1_000_000, [2.0]),             # 50/s
+        Result("orthanc-receive4", "small", 100, 1_000_000, [2.5]),     # 40/s
         Result("backlog", "backlog", 101, 909_000, [2.5], rate_instances=100),  # 40/s
         Result("relay", "compressed", 4, 100, [], error="BenchError: stalled"),
     ]
@@ -90,6 +93,10 @@ def test_ratios_targets_table_and_json(tmp_path: Path) -> None:
     assert tg["receive 0.5 MB vs Orthanc receive 0.5 MB"].measured == 2.0
     assert tg["relay 0.5 MB vs direct 0.5 MB (MB/s)"].measured == 0.25
     assert tg["backlog drain vs steady relay small"].measured == 0.8
+    assert tg["receive small vs bare pynetdicom SCP small"].measured == 0.5
+    assert tg["receive small vs bare pynetdicom SCP small"].met is False
+    assert tg["four modalities at once: receive vs Orthanc"].measured == 1.25
+    assert tg["receive 0.5 MB vs bare pynetdicom SCP 0.5 MB"].verdict == "not measured"
     rss = tg["every hermes_py process RSS"]
     assert rss.met is False and "dispatch dest" in rss.detail
     assert tg["hermes-py status at 20,000 queued"].verdict == "met"

@@ -6,15 +6,12 @@ kill -9 and multi-process ones are in test_dispatcher_process.py.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import random
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -56,6 +53,7 @@ from tests.support.spool import (
     state,
     temp_files,
 )
+from tests.support.stages import serving
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
 
@@ -72,32 +70,6 @@ def series(cfg: Settings, dest: str, n: int, **kw: object) -> list[str]:
         queue(cfg, dest, ds)
         uids.append(str(ds.SOPInstanceUID))
     return uids
-
-
-@contextlib.contextmanager
-def serving(cfg: Settings, dest: str, poll: float = 0.1) -> Iterator[Dispatcher]:
-    """A dispatcher serving in a thread; stopped (and its claims returned) on exit."""
-    d = Dispatcher(cfg, dest, poll=poll)
-    d.start()  # workers exist (and claims are recovered) before the test looks
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            d.serve(stop)
-        except BaseException as e:  # surfaced to the test below
-            errors.append(e)
-
-    t = threading.Thread(target=target, name=f"test-serve-{dest}", daemon=True)
-    t.start()
-    try:
-        yield d
-    finally:
-        stop.set()
-        t.join(60)
-        assert not t.is_alive(), "dispatcher did not stop within 60s"
-        if errors:
-            raise errors[0]
 
 
 # ---------------------------------------------------------------- the happy path

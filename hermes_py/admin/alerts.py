@@ -1,4 +1,4 @@
-"""``hermes-py alerts test``, and the open alerts ``status`` shows.
+"""``hermes-py alerts test``, the open alerts ``status`` shows, what ``rules check`` says.
 
 ``alerts test`` sends one ``test`` alert straight to every channel, not through
 the outbox: the admin wants each channel's answer now (a wrong password, a 404,
@@ -16,6 +16,7 @@ from hermes_py.alerts import payload as pl
 from hermes_py.alerts import sender_for
 from hermes_py.alerts.sender import new_item
 from hermes_py.config import Settings
+from hermes_py.durations import fmt_duration
 from hermes_py.errors import HermesError
 from hermes_py.spool import Spool, now_iso
 
@@ -49,6 +50,26 @@ def test(cfg: Settings) -> AlertsTest:
                        for name, a in sender.send_now(new_item("test", None, payload, now))])
 
 
+def describe(cfg: Settings) -> list[str]:
+    """What ``rules check`` says about [alerts]: each channel, where to, which events."""
+    a = cfg.alerts
+    if not a.channels:
+        return []
+    out = [f"alerts ({len(a.channels)} channel(s); down after {fmt_duration(a.alert_after)}, "
+           f"reminders every {fmt_duration(a.repeat_every) if a.repeat_every else 'never'}"
+           f"{', with UIDs' if a.include_uids else ''}):"]
+    width = max(len(c.name) for c in a.channels)
+    for c in a.channels:
+        where = {"webhook": c.url or f"url from {c.url_file}",
+                 "email": f"{', '.join(c.to)} via {c.host}:{c.port}",
+                 "apprise": f"URLs from {c.urls_file}",
+                 "command": " ".join(c.argv)}.get(c.type, "")
+        which = ", ".join(c.events) + (f" of {', '.join(c.destinations)}"
+                                       if c.destinations else "")
+        out.append(f"  {c.name:<{width}}  {c.type} {pl.clean(where, 120, uids=True)} ({which})")
+    return out
+
+
 def open_alerts(spool: Spool) -> dict[str, Any] | None:
     """state/alerts.json's open conditions and the outbox counts; None: alerts never ran."""
     box = spool.alerts
@@ -78,4 +99,4 @@ def alerts_text(info: dict[str, Any] | None) -> list[str]:
     return lines or [f"alerts: none open (checked {info.get('updated_at') or now_iso()})"]
 
 
-__all__ = ["AlertsTest", "alerts_text", "open_alerts", "test"]
+__all__ = ["AlertsTest", "alerts_text", "describe", "open_alerts", "test"]

@@ -118,6 +118,9 @@ def _state_words(loc: Location) -> list[str]:
                 f"{gave.get('at', '?')}: {gave.get('reason', '')})"]
     if st is Stage.ACTIVE:
         return [f"being sent (claimed by worker {loc.worker})"]
+    if st is Stage.COMMITTING:
+        return [f"stored {s.get('delivered_at', '?')}, awaiting the destination's storage "
+                "commitment", f"attempts {s.get('attempts', '?')}"]
     if st is Stage.SUCCESS:
         bits = [f"delivered {s.get('delivered_at', '?')}"]
         if s.get("delivered_as"):
@@ -128,6 +131,10 @@ def _state_words(loc: Location) -> list[str]:
         fo = s.get("failover")
         if fo and fo.get("to") == loc.destination:
             bits.append(f"as the failover of {fo.get('from', '?')} ({fo.get('mode', '?')})")
+        if s.get("committed_at"):
+            bits.append(f"committed {s.get('committed_at')}")
+        if s.get("commit_failed"):
+            bits.append(f"NOT committed: {(s.get('commit_failed') or {}).get('reason', '?')}")
         again = s.get("resent")
         if again:
             bits.append(f"resent from {again.get('from', '?')} by {again.get('by', '?')}")

@@ -66,15 +66,6 @@ def _matches(place: Place, dcm: Path, data: sc.Sidecar, names: set[str], study: 
     return data.get("series_instance_uid") == series
 
 
-def _queued_at(spool: Spool, dest: str, fname: str) -> bool:
-    for st in Stage:
-        if st.facts.queued and st.facts.per_destination:
-            for place in spool.places(st, dest):
-                if (place.path / fname).exists():
-                    return True
-    return False
-
-
 def resend(cfg: Settings, to: str, names: list[str] | None = None, study: str | None = None,
            series: str | None = None, source: str | None = None,
            by: str | None = None) -> Resent:
@@ -110,7 +101,7 @@ def resend(cfg: Settings, to: str, names: list[str] | None = None, study: str | 
                 if not _matches(place, dcm, data, wanted, study, series):
                     continue
                 seen.add(e.name)
-                if _queued_at(spool, to, e.name):
+                if spool.has_copy(to, e.name, queued=True):
                     out.already += 1
                     continue
                 origin = place.rel(spool.root)

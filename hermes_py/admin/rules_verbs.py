@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hermes_py import destinations, dicomfile, rules
-from hermes_py.admin import Result
+from hermes_py.admin import Result, alerts
 from hermes_py.config import Settings
+from hermes_py.destinations.dicom import DicomSettings
 from hermes_py.spool import JSON, Spool
 
 
@@ -37,9 +38,18 @@ def check(cfg: Settings) -> Checked:
     out.append(f"rules ({len(cfg.rules)}):")
     out += [f"  {i}. {rule.name}: {rules.describe_rule(rule)}"
             for i, rule in enumerate(cfg.rules, 1)]
+    out += alerts.describe(cfg)
     used = {d for rule in cfg.rules for d in rule.to}
     out += [f"note: no rule sends to destination {name!r}"
             for name in cfg.destinations if name not in used]
+    allowed = r.allowed_calling_aets
+    out += [f"warning: destination {name!r} has storage_commitment = "
+            f"\"{getattr(d, 'storage_commitment', 'off')}\" but [receiver] "
+            f"allowed_calling_aets does not include its AE title {d.ae_title!r}: the receiver "
+            "will refuse the association carrying its commitment report"
+            for name, d in cfg.destinations.items()
+            if allowed and getattr(d, "storage_commitment", "off") != "off"
+            and isinstance(d, DicomSettings) and d.ae_title not in allowed]
     if not any(rule.action == "route" for rule in cfg.rules):
         out.append("note: no routing rule: every instance will go to discard/")
     return Checked(str(cfg.path), out)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict, cast
 
-from hermes_py import destinations, failover, ownership, tls
+from hermes_py import commitment, destinations, failover, ownership, tls
 from hermes_py.admin import Result, open_spool
 from hermes_py.admin.alerts import alerts_text, open_alerts
 from hermes_py.config import Settings
@@ -85,6 +85,9 @@ class DestinationRow(TypedDict, total=False):
     state_updated_at: str | None
     state_updated_epoch: float | None
     failover: FailoverRow | None
+    # storage commitment (commitment.summary): mode, awaiting, oldest_wait (s),
+    # requests_open, not_committing_since, last_report_at, unsent; None when off
+    commitment: dict[str, Any] | None
 
 
 class FailoverRow(TypedDict):
@@ -279,6 +282,7 @@ def snapshot(cfg: Settings, spool: Spool, now: float | None = None,
         else:
             d.update(DestinationRow(state=str(DestinationStatus.NOT_CONFIGURED), held=False,
                                     last_error=None))
+        d["commitment"] = commitment.summary(spool, name, cfg.destinations.get(name), now)
         dests[name] = d
     drop, drop_capped = _count_files(spool.drop, DROP_COUNT_CAP)
     free = spool.free_mb()
@@ -342,6 +346,21 @@ def failover_text(d: DestinationRow, now: float) -> str | None:
     moved = f"{fo['diverted']} diverted, " if fo["mode"] == "divert" else ""
     return (f"failed over to {fo['to']} since {fo['since']}{ago} ({fo['mode']}), "
             f"{moved}{fo['at_backup']} waiting at {fo['to']}")
+
+
+def commitment_text(d: DestinationRow, now: float) -> str | None:
+    """``storage commitment required: 12 awaiting, oldest 3m``, NOT COMMITTING when silent."""
+    c = d.get("commitment")
+    if not c:
+        return None
+    text = (f"storage commitment {c.get('mode')}: {c.get('awaiting', 0)} awaiting commitment"
+            + (f", oldest {human_age(c['oldest_wait'])}" if c.get("oldest_wait") else ""))
+    if c.get("unsent"):
+        text += f", {c['unsent']} request(s) not sent yet"
+    if c.get("not_committing_since"):
+        text += (f" - NOT COMMITTING since {c['not_committing_since']} (no report, asked "
+                 "twice; nothing is resent: `hermes-py flush` asks again)")
+    return text
 
 
 def error_text(err: object, now: float, width: int = 70) -> str:
@@ -418,6 +437,8 @@ def format_status(snap: Snapshot, now: float) -> str:
         lines += [f"{row}  {err}" for row, err in zip(table, errors, strict=True)]
         lines += [f"{name}: {t}" for name, d in dests.items()
                   if (t := failover_text(d, now)) is not None]
+        lines += [f"{name}: {t}" for name, d in dests.items()
+                  if (t := commitment_text(d, now)) is not None]
         # qshape: how old the queued instances are, per destination
         lines.append("")
         bhead = ("AGE (min)", "TOTAL", *(str(m) for m in AGE_BUCKETS_MIN),

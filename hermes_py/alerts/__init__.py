@@ -35,6 +35,13 @@ def sender_for(cfg: Settings, spool: Spool) -> Sender:
     return Sender(cfg.alerts, spool, [channels.make(c) for c in cfg.alerts.channels])
 
 
+def _failed(what: str, now: float, quiet: dict[str, float]) -> None:
+    """Log the exception being handled, with its traceback at most once a minute per step."""
+    if now - quiet.get(what, -60.0) >= 60.0:
+        quiet[what] = now
+        LOG.exception("alerts: %s failed; trying again every tick", what)
+
+
 def run(cfg: Settings) -> int:
     """Watch and send every TICK until SIGTERM/SIGINT; alerts left pending wait on disk."""
     stop = threading.Event()
@@ -48,16 +55,19 @@ def run(cfg: Settings) -> int:
     LOG.info("alerts: %d channel(s) (%s); alert_after %gs; %d alert(s) pending from before",
              len(cfg.alerts.channels), ", ".join(c.name for c in cfg.alerts.channels),
              cfg.alerts.alert_after, pending)
+    quiet: dict[str, float] = {}
     while not stop.is_set():
         now = time.time()
+        # Any failure is logged and tried again next tick, not a crash: a restart would
+        # meet the same file, and a child that keeps dying is an alert of its own.
         try:
             watcher.tick(now)
-        except OSError:
-            LOG.exception("alerts: looking at the state files failed; trying again")
+        except Exception:
+            _failed("looking at the state files", now, quiet)
         try:
             sender.tick(time.time(), stop)
-        except OSError:
-            LOG.exception("alerts: sending failed; trying again")
+        except Exception:
+            _failed("sending", now, quiet)
         if orphaned():
             break
         stop.wait(TICK)

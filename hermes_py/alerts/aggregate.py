@@ -7,7 +7,8 @@ restart bookkeeping. The hub subscriber only counts in memory under a lock
 outbox items once a second. A serve killed inside a window loses that window's
 counts, never an instance: error/<dest>/ still holds each with its reason.
 
-- gave_up: per destination, the first ones after a quiet spell are told after
+- gave_up (given up after give_up_after, or failed permanently: either way in
+  error/<dest>/ now): per destination, the first ones after a quiet spell are told after
   ``GROUP_WAIT`` (a batch that gave up together is one alert), then at most one
   alert per ``WINDOW`` (15 min) with the counts by reason;
 - receiving_refused: when the receiver begins refusing (0xA7xx), at most one per
@@ -19,6 +20,7 @@ counts, never an instance: error/<dest>/ still holds each with its reason.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import Counter, deque
@@ -59,6 +61,20 @@ class _Pending:
     details: dict[str, object]
 
 
+_OBSERVED = frozenset({Event.GAVE_UP, Event.FAILED, Event.RECEIVING_REFUSED,
+                       Event.RECEIVING_RESUMED})
+_ATTEMPTS = re.compile(r"\s*\(still failing after \d+ attempts\)")
+
+
+def _reason(o: Occurrence, uids: bool) -> str:
+    """The bucket a failed instance is counted in: its status and the reason, without the
+    per-instance attempt count (one bucket per cause, not per instance)."""
+    status = o.fields.get("status")
+    text = _ATTEMPTS.sub("", str(o.fields.get("reason") or "unknown"))
+    return pl.clean(f"{status} {text}" if status and str(status) not in text else text, 80,
+                    uids)
+
+
 class Aggregator:
     def __init__(self, cfg: Callable[[], Settings], spool: Callable[[], Spool],
                  clock: Callable[[], float] = time.time):
@@ -77,13 +93,16 @@ class Aggregator:
 
     def observe(self, o: Occurrence) -> None:
         """A subscriber of serve's hub: counts only, never touches the disk."""
+        if o.event not in _OBSERVED:   # sent, routed ...: thousands a second, not ours
+            return
         now = self.clock()
+        uids = self.cfg().alerts.include_uids
         with self._lock:
-            if o.event is Event.GAVE_UP and o.destination:
+            if o.event in (Event.GAVE_UP, Event.FAILED) and o.destination:
                 w = self._gave_up.get(o.destination)
                 if w is None:
                     w = self._gave_up[o.destination] = _Window(now, now + GROUP_WAIT)
-                reason = pl.clean(o.fields.get("reason") or "unknown", 80)
+                reason = _reason(o, uids)
                 if reason not in w.counts and len(w.counts) >= MAX_REASONS:
                     reason = "other"
                 w.counts[reason] += 1
@@ -91,7 +110,7 @@ class Aggregator:
                 if not self._refusing and now - self._refused_at >= WINDOW:
                     self._refused_at = now
                     status = pl.clean(o.fields.get("status") or "", 12)
-                    reason = pl.clean(o.fields.get("reason") or "", 120)
+                    reason = pl.clean(o.fields.get("reason") or "", 120, uids)
                     self._todo.append(_Pending(
                         "receiving_refused", None, "receiver:-",
                         f"the receiver is REFUSING C-STOREs ({status} {reason}); senders keep "
@@ -103,6 +122,7 @@ class Aggregator:
     def restarted(self, child: str, now: float | None = None) -> None:
         """serve is restarting ``child`` (its restart bookkeeping calls this)."""
         now = time.monotonic() if now is None else now
+        flapping = 0
         with self._lock:
             times = self._restarts.setdefault(child, deque())
             times.append(now)
@@ -110,13 +130,15 @@ class Aggregator:
                 times.popleft()
             if len(times) > FLAP_RESTARTS and child not in self._flapping:
                 self._flapping.add(child)
+                flapping = len(times)
                 self._todo.append(_Pending(
                     "process_flapping", None, f"process:{child}",
-                    f"serve restarted {child} {len(times)} times in "
+                    f"serve restarted {child} {flapping} times in "
                     f"{FLAP_PERIOD / 60:g} minutes", self.clock(),
-                    {"process": child, "restarts": len(times)}))
-                emit(LOG, Event.PROCESS_FLAPPING, level=logging.ERROR, process=child,
-                     restarts=len(times))
+                    {"process": child, "restarts": flapping}))
+        if flapping:  # outside the lock: a log line may wait on a full pipe, the hub must not
+            emit(LOG, Event.PROCESS_FLAPPING, level=logging.ERROR, process=child,
+                 restarts=flapping)
 
     def _quiet(self, now: float) -> None:
         for child, times in self._restarts.items():

@@ -90,6 +90,11 @@ def _text(payload: AlertPayload) -> str:
     return "\n".join(lines)
 
 
+def tls_context(settings: ChannelSettings) -> ssl.SSLContext:
+    """The system's trust store, or only ``ca_file`` (an internal relay's private CA)."""
+    return ssl.create_default_context(cafile=settings.ca_file or None)
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None
@@ -98,7 +103,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 class Webhook:
     def __init__(self, settings: ChannelSettings):
         self.settings = settings
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        self._opener = urllib.request.build_opener(
+            _NoRedirect, urllib.request.HTTPSHandler(context=tls_context(settings)))
 
     def _url(self) -> str:
         s = self.settings
@@ -142,7 +148,7 @@ class Email:
         try:
             with smtplib.SMTP(s.host, s.port, timeout=s.timeout) as smtp:
                 if s.starttls:
-                    smtp.starttls(context=ssl.create_default_context())
+                    smtp.starttls(context=tls_context(s))
                 if s.username:
                     smtp.login(s.username, _secret(s.password_file).decode())
                 refused = smtp.send_message(msg)

@@ -37,12 +37,21 @@ SEVERITY = {
     "destination_recovered": "info", "failover_started": "warning", "failback": "info",
     "gave_up": "error", "queue_delayed": "warning", "disk_low": "critical",
     "receiving_refused": "critical", "process_flapping": "error", "test": "info",
+    "destination_not_committing": "error", "cert_expiring": "warning",
 }
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]+")
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:token|key|secret|password|sig|signature|code)=)[^&\s]+")
 _UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+
+
+def _mask_uid(m: re.Match[str]) -> str:
+    """A UID is masked; an IPv4 address (four parts, each at most 255) is not one."""
+    parts = m.group(0).split(".")
+    if len(parts) == 4 and all(len(x) <= 3 and int(x) <= 255 for x in parts):
+        return m.group(0)
+    return "<uid>"
 
 
 class AlertState(TypedDict, total=False):
@@ -82,7 +91,7 @@ def clean(text: object, limit: int = DETAIL_MAX, uids: bool = False) -> str:
     s = _USERINFO.sub(r"\1***@", s)
     s = _SECRET_QUERY.sub(r"\1***", s)
     if not uids:
-        s = _UID.sub("<uid>", s)
+        s = _UID.sub(_mask_uid, s)
     s = " ".join(s.split())
     return s if len(s) <= limit else s[: limit - 1] + "\u2026"
 

@@ -13,6 +13,9 @@ Per channel:
 - items of one key (a family and a destination: "destination:pacs") go out in
   the order they were written: a ``destination_recovered`` never overtakes its
   ``destination_down`` on a channel that has not taken the down yet;
+- a channel that failed rests ``retry_min`` before any item is tried on it again
+  (a dead webhook with a 10 s timeout and fifty items must not hold the sender
+  for minutes, nor be asked fifty times a minute);
 - after ``give_up_after`` an item a channel never took goes to
   ``alerts/failed/`` with an ERROR line; the channels that took it are recorded.
 
@@ -40,6 +43,7 @@ from hermes_py.spool.alerts import AlertOutbox
 LOG = logging.getLogger(__name__)
 
 OPENING = ("destination_down", "destination_misconfigured")
+IDLE_MAX = 60.0   # a pass at least this often, whatever the outbox looks like
 
 
 class Delivery(TypedDict, total=False):
@@ -80,6 +84,11 @@ class Sender:
         self.settings = settings
         self.outbox: AlertOutbox = spool.alerts
         self.channels = channels
+        # A channel that failed rests retry_min before any item is tried on it again
+        # (in memory: a restart tries at once, which is what an admin restarting wants).
+        self._resting: dict[str, float] = {}
+        self._version: tuple[str, ...] | None = None   # pending/'s names after the last pass
+        self._wake = 0.0                    # nothing pending can be due before this
 
     def wanted(self, item: OutboxItem) -> list[Channel]:
         event = str(item.get("payload", {}).get("event", ""))
@@ -131,19 +140,41 @@ class Sender:
     # ------------------------------------------------------------ sending
 
     def tick(self, now: float, stop: threading.Event | None = None) -> int:
-        """One pass over pending/: every due attempt made; returns how many were made."""
-        raw = [(p, OutboxItem(**d)) for p, d in self.outbox.items()]  # type: ignore[typeddict-item]
+        """One pass over pending/: every due attempt made; returns how many were made.
+
+        Skipped while nothing can be due: the same names in pending/ as after the last
+        pass (only this sender rewrites an item; the others only add) and no attempt,
+        rest or give-up time reached (and at most IDLE_MAX). A channel down for a day
+        with a hundred alerts waiting then costs a listing a tick, not a hundred reads.
+        """
+        if self.outbox.version() == self._version and now < self._wake:
+            return 0
+        raw: list[tuple[Path, OutboxItem]] = []
+        for p, d in self.outbox.items():
+            if isinstance(d.get("payload"), dict) and isinstance(d.get("deliveries", {}), dict):
+                raw.append((p, OutboxItem(**d)))  # type: ignore[typeddict-item]
+            else:   # one damaged item (edited by hand?) must not stop the others behind it
+                LOG.error("alerts: cannot send %s: not an alert (no payload or deliveries)",
+                          p.name)
         items = self.merge(raw)
         blocked: set[tuple[str, str]] = set()
+        dead: set[str] = set()
         made = 0
+        self._wake = now + IDLE_MAX
         for path, item in items:
             if stop is not None and stop.is_set():
+                self._wake = 0.0
                 break
-            made += self._one(path, item, now, blocked)
+            try:
+                made += self._one(path, item, now, blocked, dead)
+            except (OSError, TypeError, ValueError, AttributeError) as e:
+                # one damaged item (edited by hand?) must not stop the others behind it
+                LOG.error("alerts: cannot send %s: %s: %s", path.name, type(e).__name__, e)
+        self._version = self.outbox.version()
         return made
 
     def _one(self, path: Path, item: OutboxItem, now: float,
-             blocked: set[tuple[str, str]]) -> int:
+             blocked: set[tuple[str, str]], dead: set[str]) -> int:
         payload = item.get("payload", AlertPayload())
         key = str(item.get("key", ""))
         deliveries = item.setdefault("deliveries", {})
@@ -159,12 +190,15 @@ class Sender:
             if (name, key) in blocked or now < float(d.get("next_at") or 0.0):
                 blocked.add((name, key))   # later items of this key wait behind this one
                 continue
+            if name in dead or now < self._resting.get(name, 0.0):
+                continue   # it just failed (or timed out) on another item: not yet
             answer = ch.send(payload)
             made += 1
             changed = True
             d["attempts"] = int(d.get("attempts") or 0) + 1
             d["answer"] = answer.text
             if answer.ok:
+                self._resting.pop(name, None)
                 d["sent_at"] = now_iso(now)
                 emit(LOG, Event.ALERT_SENT, dest=_dest(item), channel=name,
                      alert=payload.get("event"), id=payload.get("id"), answer=answer.text,
@@ -173,11 +207,21 @@ class Sender:
                 delay = backoff(d["attempts"], self.settings)
                 d["next_at"] = now + delay
                 blocked.add((name, key))
+                dead.add(name)
+                self._resting[name] = now + self.settings.retry_min
                 LOG.warning("alerts: channel %s did not take %s %s (attempt %d): %s; trying "
                             "again in %s", name, payload.get("event"), payload.get("id"),
                             d["attempts"], answer.text, fmt_duration(delay))
         pending = [c.settings.name for c in wanted
                    if not deliveries.get(c.settings.name, {}).get("sent_at")]
+        if pending:   # when this item can next be due: its attempt, the rest's end, giving up
+            self._wake = min(self._wake, float(item.get("created") or now)
+                             + self.settings.give_up_after)
+            for n in pending:
+                due = max(float(deliveries.get(n, {}).get("next_at") or 0.0),
+                          self._resting.get(n, 0.0))
+                if due > now or (n, key) not in blocked:   # blocked: its blocker's time
+                    self._wake = min(self._wake, due)
         if not pending:
             self.outbox.finish(path, dict(item))
         elif now - float(item.get("created") or now) >= self.settings.give_up_after:

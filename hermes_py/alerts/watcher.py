@@ -20,6 +20,14 @@ Per destination (key ``<family>:<dest>``):
   ``queue_delayed``, once per episode (looked at every ``QUEUE_EVERY``: it costs
   a listing of the queue);
 
+- ``commitment``: ``state/<dest>.commitment.json`` naming ``not_committing_since``
+  (asked twice, no report within ``commit_timeout``) is
+  ``destination_not_committing``, cleared when a report comes;
+
+``cert:<whose>``: a certificate we present (``[receiver.tls]``, a destination's
+client certificate) expiring within ``CERT_WARN`` is ``cert_expiring``, cleared
+when the file is renewed (looked at every ``CERT_EVERY``);
+
 and for the spool, ``disk:-``: free space under twice ``min_free_mb`` is
 ``disk_low``, cleared at three times. Down, misconfigured and disk_low repeat
 every ``repeat_every`` while they last.
@@ -36,7 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypedDict, cast
 
-from hermes_py import failover
+from hermes_py import commitment, failover, tls
 from hermes_py.alerts import payload as pl
 from hermes_py.alerts.sender import new_item
 from hermes_py.config import Settings
@@ -49,7 +57,12 @@ LOG = logging.getLogger(__name__)
 
 QUEUE_EVERY = 30.0
 DISK_EVERY = 5.0
-REMINDED = ("destination_down", "destination_misconfigured", "disk_low")
+CERT_EVERY = 3600.0
+CERT_WARN = 30 * 86400.0
+REMINDED = ("destination_down", "destination_misconfigured", "disk_low",
+            "destination_not_committing", "cert_expiring")
+_STATE_OF = {"destination_down": "backoff", "destination_misconfigured": "misconfigured",
+             "disk_low": "low"}
 
 
 class OpenAlert(TypedDict, total=False):
@@ -80,6 +93,7 @@ class Watcher:
         self._first_seen_down: dict[str, float] = {}
         self._queue_at = 0.0
         self._disk_at = 0.0
+        self._cert_at: float | None = None
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -221,6 +235,55 @@ class Watcher:
             return True
         return False
 
+    def _commitment(self, name: str, now: float) -> bool:
+        key = f"commitment:{name}"
+        since = commitment.read_state(self.spool, name).get("not_committing_since")
+        cur = self.open.get(key)
+        if isinstance(since, str) and cur is None:
+            self._open(key, "destination_not_committing", name, since, now,
+                       f"destination {name} sends no storage commitment reports (asked twice "
+                       "within commit_timeout); its instances wait in committing/, none resent",
+                       state=pl.state_change("committing", "not committing", since, now))
+            return True
+        if not isinstance(since, str) and cur is not None:
+            self._close(key, None, now, "")
+            return True
+        return False
+
+    def _certificates(self, now: float) -> bool:
+        """``cert_expiring`` per certificate we present; a renewed file clears it."""
+        certs: dict[str, tuple[str | None, str]] = {}
+        if self.cfg.receiver.tls is not None:
+            certs["receiver"] = (None, self.cfg.receiver.tls.cert_file)
+        for name, d in self.cfg.destinations.items():
+            t = getattr(d, "tls", None)
+            if isinstance(t, tls.DestinationTLS) and t.cert_file:
+                certs[name] = (name, t.cert_file)
+        changed = False
+        for whose, (dest, path) in certs.items():
+            key = f"cert:{whose}"
+            expires = tls.not_after(path)
+            cur = self.open.get(key)
+            soon = expires is not None and expires - now < CERT_WARN
+            if soon and cur is None and expires is not None:
+                since = now_iso(expires)
+                left = "EXPIRED" if expires <= now else f"expires in {human_age(expires - now)}"
+                self._open(key, "cert_expiring", dest, since, now,
+                           f"the TLS certificate of {'the receiver' if dest is None else dest} "
+                           f"{left} ({now_iso(expires)}): renew it, then reload",
+                           state=pl.state_change("valid", "expiring", now_iso(now), now),
+                           details={"expires_at": now_iso(expires), "certificate": whose})
+                emit(LOG, Event.CERT_EXPIRING, dest=dest, level=logging.WARNING,
+                     expires_at=now_iso(expires))
+                changed = True
+            elif not soon and cur is not None:
+                self._close(key, None, now, "")
+                changed = True
+        for key in [k for k in self.open if k.startswith("cert:") and k[5:] not in certs]:
+            del self.open[key]   # no longer configured
+            changed = True
+        return changed
+
     def _remind(self, now: float) -> bool:
         every = self.cfg.alerts.repeat_every
         changed = False
@@ -238,7 +301,7 @@ class Watcher:
             self._write(key, event, dest, since, pl.alert_id(key, event, since, "reminder", n),
                         f"reminder {n}: {event}{' of ' + dest if dest else ''} still "
                         f"true{lasting}", now, record=record,
-                        state=pl.state_change("ok", event, since, now),
+                        state=pl.state_change("ok", _STATE_OF.get(event, event), since, now),
                         details={"reminder": n})
             cur["reminders"] = n
             cur["last_sent_at"] = now_iso(now)
@@ -252,6 +315,7 @@ class Watcher:
         for name in self.cfg.destinations:
             changed |= self._destination(name, now)
             changed |= self._failover(name, now)
+            changed |= self._commitment(name, now)
         if now - self._queue_at >= min(QUEUE_EVERY, max(1.0, self.cfg.alerts.delay_warning / 4)):
             self._queue_at = now
             for name in self.cfg.destinations:
@@ -259,6 +323,9 @@ class Watcher:
         if now - self._disk_at >= DISK_EVERY:
             self._disk_at = now
             changed |= self._disk(now)
+        if self._cert_at is None or now - self._cert_at >= CERT_EVERY:
+            self._cert_at = now
+            changed |= self._certificates(now)
         changed |= self._remind(now)
         for key in [k for k, v in self.open.items()
                     if v.get("destination") and v.get("destination") not in self.cfg.destinations]:

@@ -570,14 +570,15 @@ class Spool(Sweeps, Drops):
             entries = (e for e in entries if self.next_attempt(e.path) <= due_before)
         return [Path(folder, nm) for nm in heapq.nsmallest(n, (e.name for e in entries))]
 
-    def has_copy(self, dest: str, fname: str) -> bool:
+    def has_copy(self, dest: str, fname: str, queued: bool = False) -> bool:
         """Whether ``dest`` already has this instance (queued, claimed, delivered or failed).
 
-        Checked in the order a copy moves (lifecycle.Stage), so a dispatcher moving
-        it during the checks cannot make it look absent.
+        ``queued``: only whether it waits in one of ``dest``'s queues. Checked in
+        the order a copy moves (lifecycle.Stage), so a dispatcher moving it during
+        the checks cannot make it look absent.
         """
         for st in Stage:
-            if st.facts.has_copy and st.facts.per_destination:
+            if (st.facts.queued if queued else st.facts.has_copy) and st.facts.per_destination:
                 for place in self.places(st, dest):
                     if (place.path / fname).exists():
                         return True

@@ -97,6 +97,15 @@ class AlertOutbox:
             if data:
                 yield folder / name, data
 
+    def version(self) -> tuple[str, ...]:
+        """The names in pending/: they change with every put and removal (a listing, not
+        an mtime, whose coarse clock could miss a put in the same few milliseconds)."""
+        try:
+            return tuple(sorted(e.name for e in os.scandir(self.pending)
+                                if e.name.endswith(".json")))
+        except FileNotFoundError:
+            return ()
+
     def count(self, folder: Path) -> int:
         try:
             with os.scandir(folder) as it:
@@ -126,11 +135,15 @@ class AlertOutbox:
     def _move(self, path: Path, item: dict[str, Any], folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / path.name
-        # the final record first (a temp renamed over nothing), then the pending one goes
+        # the final record first (a temp renamed over nothing), then the pending one goes.
+        # Only failed/ is fsynced: a person must find it there. A sent/ record lost to a
+        # power cut is an archive line lost; the pending one's going is what must last
+        # (or the alert is sent again, which the receivers deduplicate by id anyway).
         self.spool.write_bytes_atomic(target, dump_json(item))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        fsync_dir(folder)
+        if folder == self.failed:
+            fsync_dir(folder)
         fsync_dir(self.pending)
         return target
 

@@ -94,6 +94,15 @@ Resent = TypedDict("Resent", {"from": str, "by": str, "at": str}, total=False)
 Resent.__doc__ = """``resent``: an admin queued this copy from another copy (hermes-py resend)."""
 
 
+class Adopted(TypedDict, total=False):
+    """``adopted``: the instance came from another, retired spool (hermes-py adopt)."""
+
+    from_spool_id: str
+    from_path: str
+    at: str
+    by: str
+
+
 class Coerced(TypedDict, total=False):
     """``coerced``: the keywords a destination's coercion set and removed (never values)."""
 
@@ -137,6 +146,7 @@ class Received(TypedDict, total=False):
     series_instance_uid: str | None
     routing: Routing
     hold: Hold
+    adopted: Adopted
 
 
 class CopyFacts(TypedDict, total=False):

@@ -5,6 +5,9 @@ The bodies are exactly what ``status --json`` and ``find --json`` print (the sam
 ``{"error": code, "detail": sentence}``: 401 without credentials, 403 for a role
 that may not (or a cookie request without its CSRF token), 404 for an unknown
 destination or name, 409 when a purge's ``expect_count`` is not what matches now.
+Actions (hold, release, flush, echo, retry, resend, purge) are one route each, so the
+route table is the list of what may be done; openapi.json and the role tests are
+checked against it.
 CSV (``?format=csv`` or ``Accept: text/csv``) neutralises cells a spreadsheet would
 run as a formula: a calling AE title or a remote error text is the sender's to choose.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +24,14 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from hermes_py.admin import echo, find, queue
+from hermes_py.admin import echo, find, queue, resend
 from hermes_py.admin.queue import Purged
 from hermes_py.web import data, feed
+from hermes_py.web.auth import Principal
 from hermes_py.web.state import blocking, need, state_of
 
 STATIC = Path(__file__).parent / "static"
-VERBS = ("hold", "release", "flush", "echo", "retry")
+VERBS = ("hold", "release", "flush", "echo", "retry", "resend")
 
 
 class ApiError(Exception):
@@ -121,13 +126,38 @@ async def get_instances(request: Request) -> Response:
     return JSONResponse(page.to_json())
 
 
+def patient_wanted(request: Request, who: Principal) -> bool:
+    """``?patient=1``: an admin's audited opt-in, and only where ``[web] show_patient`` allows."""
+    if request.query_params.get("patient") not in ("1", "true", "yes"):
+        return False
+    if not state_of(request).cfg.web.show_patient:
+        raise ApiError(403, "forbidden", "patient name and ID are off on this router "
+                                         "([web] show_patient = true turns them on)")
+    if not who.may("act"):
+        raise ApiError(403, "forbidden", "only an admin may see patient name and ID")
+    return True
+
+
 async def get_instance(request: Request) -> Response:
-    await need(request, "read")
+    who = await need(request, "read")
     name = request.path_params["name"]
     found = await blocking(data.copies, state_of(request).spool, name)
     if not found.copies:
         raise ApiError(404, "not_found", f"no instance named {name!r} in the spool")
-    return JSONResponse(found.to_json())
+    out = found.to_json()
+    if patient_wanted(request, who):
+        out["patient"] = await blocking(data.patient, found, name, who.by)
+    return JSONResponse(out)
+
+
+async def get_rules(request: Request) -> Response:
+    await need(request, "read")
+    name = request.path_params["name"]
+    st = state_of(request)
+    tested = await blocking(data.dry_run, st.cfg, st.spool, name)
+    if tested is None:
+        raise ApiError(404, "not_found", f"no instance named {name!r} in the spool")
+    return JSONResponse({"name": name, **tested.to_json()})
 
 
 async def get_find(request: Request) -> Response:
@@ -159,19 +189,38 @@ async def act(request: Request, verb: str, name: str, args: dict[str, Any], by: 
     if verb == "retry":
         study = args.get("study") or None
         return (await blocking(queue.retry, cfg, name, study=study, by=by)).to_json()
+    if verb == "resend":
+        names = args.get("names", args.get("name"))
+        names = [names] if isinstance(names, str) and names else names or None
+        if names is not None and not (isinstance(names, list)
+                                      and all(isinstance(n, str) for n in names)):
+            raise ApiError(400, "bad_request", "names must be a list of spool names or "
+                                               "SOP Instance UIDs")
+        return (await blocking(resend.resend, cfg, name, names=names,
+                               study=args.get("study") or None,
+                               series=args.get("series") or None,
+                               source=args.get("from") or None, by=by)).to_json()
     fn = {"hold": queue.hold, "release": queue.release, "flush": queue.flush}[verb]
     return (await blocking(fn, cfg, name, by=by)).to_json()
 
 
-async def post_action(request: Request) -> Response:
+async def post_action(request: Request, verb: str) -> Response:
     who = await need(request, "act")
-    name, verb = request.path_params["name"], request.path_params["verb"]
-    if verb not in VERBS:
-        raise ApiError(404, "not_found", f"no action {verb!r} (one of {', '.join(VERBS)})")
+    name = request.path_params["name"]
     known(request, name)
     result = await act(request, verb, name, await body(request), who.by)
     state_of(request).forget_status()
     return JSONResponse({"destination": name, "verb": verb, "by": who.by, "result": result})
+
+
+def verb_endpoint(handler: Callable[[Request, str], Awaitable[Response]],
+                  verb: str) -> Callable[[Request], Awaitable[Response]]:
+    """One route per verb (not ``/{verb}``): the route table is then the list of what may
+    be done, which the role tests and openapi.json are both checked against."""
+    async def endpoint(request: Request) -> Response:
+        return await handler(request, verb)
+    endpoint.__name__ = f"{verb}_{handler.__name__}"
+    return endpoint
 
 
 async def run_purge(request: Request, args: dict[str, Any], by: str) -> tuple[int, Purged]:
@@ -224,8 +273,10 @@ def routes() -> list[BaseRoute]:
         Route(f"{p}/status", get_status),
         Route(f"{p}/destinations/{{name}}", get_destination),
         Route(f"{p}/destinations/{{name}}/instances", get_instances),
-        Route(f"{p}/destinations/{{name}}/{{verb}}", post_action, methods=["POST"]),
+        *[Route(f"{p}/destinations/{{name}}/{verb}", verb_endpoint(post_action, verb),
+                methods=["POST"]) for verb in VERBS],
         Route(f"{p}/instances/{{name}}", get_instance),
+        Route(f"{p}/instances/{{name}}/rules", get_rules),
         Route(f"{p}/find", get_find),
         Route(f"{p}/events", get_events),
         Route(f"{p}/purge", post_purge, methods=["POST"]),

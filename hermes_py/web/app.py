@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -133,8 +135,23 @@ def create_app(cfg: Settings) -> Starlette:
 
 
 def run(cfg: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; 0 on a clean stop (uvicorn handles the signals)."""
+    """Serve until SIGTERM/SIGINT; 0 on a clean stop, like every other stage."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises the stop signal once it has shut down gracefully, so the
+        process would end "killed by SIGTERM" and serve would log a stopped-as-asked child
+        as a crash; the same handlers, without the re-raise."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            stops = (signal.SIGTERM, signal.SIGINT)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in stops}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
 
     w = cfg.web
     if w.port is None:
@@ -142,7 +159,7 @@ def run(cfg: Settings) -> int:
     open_spool(cfg)  # fail now, in one line, rather than on the first request
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
-    server = uvicorn.Server(uvicorn.Config(
+    server = Server(uvicorn.Config(
         create_app(cfg), host=w.bind, port=w.port,
         ssl_certfile=w.tls_cert_file or None, ssl_keyfile=w.tls_key_file or None,
         log_config=None, access_log=False, server_header=False, proxy_headers=False,

@@ -10,15 +10,22 @@ while instances move (an offset would skip or repeat rows).
 from __future__ import annotations
 
 import heapq
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hermes_py import dicomfile
 from hermes_py.admin.find import Found, Location
+from hermes_py.admin.rules_verbs import Tested
+from hermes_py.admin.rules_verbs import dry_run as rules_dry_run
+from hermes_py.config import Settings
 from hermes_py.lifecycle import Stage
 from hermes_py.spool import DCM, Spool, is_name
 from hermes_py.spool import sidecar as sc
 
+AUDIT = logging.getLogger("hermes_py.web.audit")
+PATIENT_KEYWORDS = ("PatientName", "PatientID")
 WHERE = ("outgoing", "active", "error", "success")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -101,3 +108,25 @@ def copies(spool: Spool, name: str) -> Found:
     sop = next((str(x.sidecar.get("sop_instance_uid")) for x in found
                 if x.sidecar.get("sop_instance_uid")), name)
     return Found(sop, "sop", spool.root, found)
+
+
+def dry_run(cfg: Settings, spool: Spool, name: str) -> Tested | None:
+    """``rules test`` on a copy of the name in the spool: what the router would do with it now
+    (the copies are links of one file, so any copy answers for all); None: no such name."""
+    found = copies(spool, name)
+    if not found.copies:
+        return None
+    return rules_dry_run(cfg, [found.copies[0].path])
+
+
+def patient(found: Found, name: str, by: str) -> dict[str, str | None]:
+    """Patient name and ID from the header of a copy, for an admin who asked; every read is
+    an audit line (who, which instance; never the values themselves)."""
+    AUDIT.warning("%s read the patient name and ID of %s", by, name)
+    for c in found.copies:
+        try:
+            values = dicomfile.read_header(c.path, PATIENT_KEYWORDS)
+        except (OSError, dicomfile.UnreadableError):
+            continue  # moved on meanwhile, or unreadable: the next copy
+        return {"name": values.get("PatientName"), "id": values.get("PatientID")}
+    return {"name": None, "id": None}

@@ -5,8 +5,9 @@ the session's CSRF token, answered with a redirect (so a reload never repeats
 it) and a one-line flash of the admin function's own ``text()``. Jinja2
 autoescapes everything: strings from DICOM files, AE titles and remote error
 texts are the sender's to choose, and none is ever marked safe. Patient names
-and IDs are not shown at all: the sidecars hold UIDs, AE titles and spool names,
-and that is what the pages show.
+and IDs are not shown by default: the sidecars hold UIDs, AE titles and spool
+names, and that is what the pages show; with ``[web] show_patient = true`` an
+admin may ask for them on an instance's page, read from its header and audited.
 """
 
 from __future__ import annotations
@@ -119,8 +120,25 @@ async def instance(request: Request) -> Response:
     found = await blocking(data.copies, st.spool, name)
     if not found.copies:
         raise AuthError(404, "not_found", f"no instance named {name!r} in the spool")
-    return render(request, "instance.html", who, name=name, found=found,
-                  text=found.text())
+    try:
+        shown = api.patient_wanted(request, who)
+    except api.ApiError as e:
+        raise AuthError(e.status, str(e.body["error"]), str(e.body["detail"])) from None
+    patient = await blocking(data.patient, found, name, who.by) if shown else None
+    return render(request, "instance.html", who, name=name, found=found, text=found.text(),
+                  patient=patient, show_patient=st.cfg.web.show_patient,
+                  destinations=sorted(st.cfg.destinations), quote=quote)
+
+
+async def rules_page(request: Request) -> Response:
+    """The rules dry-run on an instance in the spool: ``hermes-py rules test`` on its file."""
+    who = await need(request, "read")
+    name = request.path_params["name"]
+    st = state_of(request)
+    tested = await blocking(data.dry_run, st.cfg, st.spool, name)
+    if tested is None:
+        raise AuthError(404, "not_found", f"no instance named {name!r} in the spool")
+    return render(request, "rules.html", who, name=name, text=tested.text(), quote=quote)
 
 
 async def find_page(request: Request) -> Response:
@@ -143,17 +161,18 @@ async def events(request: Request) -> Response:
     return render(request, "events.html", who)
 
 
-async def action(request: Request) -> Response:
+async def action(request: Request, verb: str) -> Response:
     who = await need(request, "act")
-    name, verb = request.path_params["name"], request.path_params["verb"]
+    name = request.path_params["name"]
     form = await request.form()
     back = safe_next(form.get("next"))
-    if verb not in api.VERBS or name not in state_of(request).cfg.destinations:
-        raise AuthError(404, "not_found", f"no action {verb!r} on {name!r}")
+    if name not in state_of(request).cfg.destinations:
+        raise AuthError(404, "not_found", f"no destination {name!r}")
+    args = {k: form.get(k) for k in ("study", "name")}
     try:
-        result = await api.act(request, verb, name, {"study": form.get("study")}, who.by)
+        result = await api.act(request, verb, name, args, who.by)
         message = _summary(verb, name, result)
-    except HermesError as e:
+    except (HermesError, api.ApiError) as e:
         message = f"{verb} {name}: {e}"
     state_of(request).forget_status()
     assert who.session is not None
@@ -168,6 +187,9 @@ def _summary(verb: str, name: str, result: Any) -> str:
     if verb == "retry":
         moved = sum(r["moved"] for r in result["destinations"])
         return f"retry {name}: moved {moved} instance(s) back to outgoing/{name}/"
+    if verb == "resend":
+        return (f"resend to {name}: queued {result['queued']} instance(s), "
+                f"{result['already']} already queued there")
     changed = "" if result.get("changed") else " (nothing to change)"
     return f"{verb} {name}: done{changed}"
 
@@ -253,8 +275,10 @@ def routes() -> list[BaseRoute]:
         Route("/login", login, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/destinations/{name}", destination),
-        Route("/destinations/{name}/{verb}", action, methods=["POST"]),
+        *[Route(f"/destinations/{{name}}/{verb}", api.verb_endpoint(action, verb),
+                methods=["POST"]) for verb in api.VERBS],
         Route("/instances/{name}", instance),
+        Route("/instances/{name}/rules", rules_page),
         Route("/find", find_page),
         Route("/errors", errors),
         Route("/events", events),

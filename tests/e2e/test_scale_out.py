@@ -147,3 +147,104 @@ def test_a_second_serve_refuses_and_a_taken_over_epoch_stops_sending(tmp_path: P
     wait_for(lambda: h.queued("pacs") == 3, 30, 0.2, "the instances queued, not sent")
     assert not peer.uids & res.acked, "a fenced dispatcher sent"
     assert "other-node" in h.log_text()
+
+
+HAPROXY_PROXY_CFG = """\
+global
+    maxconn 50
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 1m
+    timeout server 1m
+frontend v1
+    bind {host}:{v1}
+    default_backend plain_v1
+frontend v2
+    bind {host}:{v2}
+    default_backend plain_v2
+frontend tls
+    bind {host}:{tls}
+    default_backend tls_v2
+backend plain_v1
+    server r {host}:{port} send-proxy source {lb}
+backend plain_v2
+    server r {host}:{port} send-proxy-v2 source {lb}
+backend tls_v2
+    server r {host}:{tls_port} send-proxy-v2 source {lb}
+"""
+
+
+def _store_from(port: int, bind: str, tls_args: object = None) -> str:
+    """One C-STORE from a pynetdicom modality bound to ``bind``: its SOP Instance UID."""
+    from pynetdicom import AE
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    ae.acse_timeout = ae.network_timeout = 15
+    ds = make_instance(8, 8)
+    kw: dict[str, object] = {"tls_args": tls_args} if tls_args is not None else {}
+    assoc = ae.associate(LOOPBACK, port, ae_title="HERMES", bind_address=(bind, 0), **kw)
+    assert assoc.is_established, f"association via {port} from {bind} failed"
+    try:
+        status = assoc.send_c_store(ds)
+        assert status and status.Status == 0x0000, status
+    finally:
+        assoc.release()
+    return str(ds.SOPInstanceUID)
+
+
+@pytest.mark.timeout(120)
+def test_haproxy_send_proxy_v1_v2_and_tls_name_the_modality(tmp_path: Path, hermes,
+                                                            scp) -> None:
+    """HAProxy (``send-proxy``, ``send-proxy-v2``, and v2 in front of the TLS port) connects
+    from 127.0.0.2, the listed balancer; the sidecars and the PeerAddress rule see the
+    modalities (127.0.0.5, .6, .7), not HAProxy. serve's own C-ECHO (from 127.0.0.1,
+    unlisted) is plain DICOM."""
+    import ssl
+
+    import trustme
+    haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed (.ci/run installs it)")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    pacs = Dest("pacs", ae_title="PACS")
+    peer = scp(pacs)
+    modalities = ["127.0.0.5", "127.0.0.6", "127.0.0.7"]
+    tls_port = free_port()
+    h = hermes([pacs], rules=rule("modalities", ["pacs"], match={"PeerAddress": modalities}),
+               receiver={"proxy_protocol": True, "load_balancers": ["127.0.0.2"],
+                         "tls": {"port": tls_port, "cert_file": str(cert),
+                                 "key_file": str(key)}})
+    h.start()
+    ports = {"v1": free_port(), "v2": free_port(), "tls": free_port()}
+    cfg = tmp_path / "haproxy-pp.cfg"
+    cfg.write_text(HAPROXY_PROXY_CFG.format(host=LOOPBACK, port=h.port, tls_port=tls_port,
+                                            lb="127.0.0.2", **ports))
+    proxy = subprocess.Popen([haproxy, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        for p in ports.values():
+            wait_port(p)
+        client = ssl.create_default_context(cafile=None)
+        ca.configure_trust(client)
+        sent = {_store_from(ports["v1"], modalities[0]): modalities[0],
+                _store_from(ports["v2"], modalities[1]): modalities[1],
+                _store_from(ports["tls"], modalities[2], (client, "localhost")): modalities[2]}
+        wait_delivered(lambda: peer.uids, set(sent), what="the three instances at the PACS "
+                       "(routed by PeerAddress)", hermes=h)
+        seen = {}
+        for side in h.spool.success_dir("pacs").glob("*.json"):
+            data = __import__("json").loads(side.read_text())
+            seen[data["sop_instance_uid"]] = data["peer_address"]
+        assert seen == sent, "peer_address is the modality's, not HAProxy's 127.0.0.2"
+        log = h.log_text()
+        for uid, address in sent.items():
+            line = next(x for x in log.splitlines() if "received" in x and uid in x)
+            assert f"CT1@{address}" in line, line
+    finally:
+        proxy.terminate()
+        proxy.wait(10)

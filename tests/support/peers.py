@@ -475,13 +475,15 @@ class Orthanc:
     ``lua`` is an optional script body (the benchmark uses the canonical
     autorouting one-liner); ``modalities`` maps names to (AET, host, port).
     ``dicomweb`` loads the DICOMweb plugin (Debian ``orthanc-dicomweb``): STOW-RS at
-    ``dicomweb_url``; ``users`` turns on HTTP basic auth with these user: password pairs.
+    ``dicomweb_url``; ``users`` turns on HTTP basic auth with these user: password pairs;
+    ``extra`` adds or replaces configuration keys (DICOM TLS, modality objects).
     """
 
     def __init__(self, workdir: Path, ae_title: str = "ORTHANC",
                  modalities: dict[str, tuple[str, str, int]] | None = None,
                  lua: str | None = None, dicomweb: bool = False,
-                 users: dict[str, str] | None = None):
+                 users: dict[str, str] | None = None, extra: dict[str, Any] | None = None):
+        self.extra = extra or {}
         self.dicomweb = dicomweb
         self.users = users or {}
         self.workdir = Path(workdir)
@@ -518,6 +520,7 @@ class Orthanc:
         if self.lua:
             (self.workdir / "route.lua").write_text(self.lua)
             cfg["LuaScripts"] = [str(self.workdir / "route.lua")]
+        cfg.update(self.extra)
         (self.workdir / "orthanc.json").write_text(json.dumps(cfg, indent=2))
         self.proc = subprocess.Popen([exe, str(self.workdir / "orthanc.json")], env=peer_env(),
                                      stdout=subprocess.DEVNULL,

@@ -94,13 +94,3 @@ def session(make: Browsers, name: str) -> tuple[TestClient, str]:
 
 def bearer(cfg: Settings, name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {Users(Spool(cfg.spool.path)).new_token(name)}"}
-
-
-# What each tests/test_web*.py module pastes (pytest finds fixtures by module globals):
-#
-#     @pytest.fixture(autouse=True)
-#     def _argon2(monkeypatch): cheap_argon2(monkeypatch)
-#     @pytest.fixture
-#     def cfg(tmp_path): return with_users(write_config(tmp_path))
-#     @pytest.fixture
-#     def client(cfg): yield from browsers(cfg)

@@ -21,7 +21,6 @@ import dataclasses
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hermes_py.config_reader import Duration, Reader, keys_of
@@ -97,21 +96,6 @@ _TYPE_KEYS = {
 _LISTS = ("events", "destinations", "to", "argv")
 
 
-def _readable(p: Reader, table: tuple[str | int, ...], key: str, value: str) -> str:
-    """The absolute path of a secret file, after checking it can be read (not its content)."""
-    path = Path(value)
-    if not path.is_absolute():
-        path = p.path.parent / path
-    try:
-        with open(path, "rb") as f:
-            empty = not f.read(1)
-    except OSError as e:
-        raise p.err(table, key, f"cannot read {path}: {e.strerror or e}") from None
-    if empty:
-        raise p.err(table, key, f"{path} is empty")
-    return str(path)
-
-
 def _strings(p: Reader, table: tuple[str | int, ...], data: Mapping[str, Any],
              key: str) -> tuple[str, ...] | None:
     if key not in data:
@@ -148,7 +132,7 @@ def _channel(p: Reader, name: str, data: Any, dests: Mapping[str, object]) -> Ch
             raise p.err(table, "destinations", f"unknown destination {d!r} (defined: "
                                                f"{', '.join(sorted(dests)) or 'none'})")
     p.positive(table, "timeout", ch.timeout)
-    files: dict[str, Any] = {k: _readable(p, table, k, getattr(ch, k))
+    files: dict[str, Any] = {k: p.readable(table, k, getattr(ch, k), nonempty=True)
              for k in ("url_file", "hmac_secret_file", "password_file", "urls_file", "ca_file")
              if getattr(ch, k)}
     ch = dataclasses.replace(ch, **files)

@@ -158,6 +158,25 @@ class Reader:
         if value < 1:
             raise self.err(table, key, "must be at least 1")
 
+    def readable(self, table: tuple[str | int, ...], key: str, value: str,
+                 nonempty: bool = False) -> str:
+        """A file rules.toml names, absolute (relative to rules.toml), checked readable now.
+
+        Read at ``rules check``, not at 3 a.m. when it is first needed; only its first
+        byte (``nonempty``: a secret file must hold something), never logged.
+        """
+        path = Path(value)
+        if not path.is_absolute():
+            path = self.path.parent / path
+        try:
+            with open(path, "rb") as f:
+                empty = not f.read(1)
+        except OSError as e:
+            raise self.err(table, key, f"cannot read {path}: {e.strerror or e}") from None
+        if nonempty and empty:
+            raise self.err(table, key, f"{path} is empty")
+        return str(path)
+
     def required(self, table: tuple[str | int, ...], data: Mapping[str, Any],
                  keys: tuple[str, ...]) -> None:
         dotted = ".".join(str(t) for t in table)

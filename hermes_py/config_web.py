@@ -23,7 +23,6 @@ import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hermes_py.config_reader import Duration, Reader, keys_of
@@ -70,18 +69,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _file(p: Reader, table: tuple[str | int, ...], key: str, value: str) -> str:
-    path = Path(value)
-    if not path.is_absolute():
-        path = p.path.parent / path
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise p.err(table, key, f"cannot read {path}: {e.strerror or e}") from None
-    return str(path)
-
-
 def parse_web(p: Reader, data: Mapping[str, Any]) -> WebSettings:
     table = ("web",)
     p.check_keys(table, data, keys_of(WebSettings))
@@ -97,8 +84,8 @@ def parse_web(p: Reader, data: Mapping[str, Any]) -> WebSettings:
         raise p.err(table, "tls_key_file" if w.tls_cert_file else "tls_cert_file",
                     "missing: tls_cert_file and tls_key_file go together")
     if w.tls:
-        cert = _file(p, table, "tls_cert_file", w.tls_cert_file)
-        key = _file(p, table, "tls_key_file", w.tls_key_file)
+        cert = p.readable(table, "tls_cert_file", w.tls_cert_file)
+        key = p.readable(table, "tls_key_file", w.tls_key_file)
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
         except (ssl.SSLError, ValueError) as e:

@@ -22,7 +22,6 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from hermes_py.config_reader import Duration, Port, Reader
 
@@ -51,18 +50,6 @@ class DestinationTLS:
     check_hostname: bool = True
 
 
-def _file(p: Reader, table: tuple[str | int, ...], key: str, value: str) -> str:
-    path = Path(value)
-    if not path.is_absolute():
-        path = p.path.parent / path
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise p.err(table, key, f"cannot read {path}: {e.strerror or e}") from None
-    return str(path)
-
-
 def parse_receiver(p: Reader, table: tuple[str | int, ...], data: object) -> ReceiverTLS:
     if not isinstance(data, dict):
         raise p.err(table[:-1], str(table[-1]), "expected a table [receiver.tls]")
@@ -70,9 +57,9 @@ def parse_receiver(p: Reader, table: tuple[str | int, ...], data: object) -> Rec
                                "handshake_timeout"})
     p.required(table, data, ("port", "cert_file", "key_file"))
     t = ReceiverTLS(**p.fields(table, data, ReceiverTLS))
-    t = ReceiverTLS(port=t.port, cert_file=_file(p, table, "cert_file", t.cert_file),
-                    key_file=_file(p, table, "key_file", t.key_file),
-                    client_ca_file=(_file(p, table, "client_ca_file", t.client_ca_file)
+    t = ReceiverTLS(port=t.port, cert_file=p.readable(table, "cert_file", t.cert_file),
+                    key_file=p.readable(table, "key_file", t.key_file),
+                    client_ca_file=(p.readable(table, "client_ca_file", t.client_ca_file)
                                     if t.client_ca_file else ""),
                     handshake_timeout=t.handshake_timeout)
     p.positive(table, "handshake_timeout", t.handshake_timeout)
@@ -95,9 +82,9 @@ def parse_destination(p: Reader, table: tuple[str | int, ...], data: object) -> 
     if bool(t.cert_file) != bool(t.key_file):
         raise p.err(tt, "key_file" if t.cert_file else "cert_file",
                     "cert_file and key_file go together (our client certificate)")
-    t = DestinationTLS(ca_file=_file(p, tt, "ca_file", t.ca_file) if t.ca_file else "",
-                       cert_file=_file(p, tt, "cert_file", t.cert_file) if t.cert_file else "",
-                       key_file=_file(p, tt, "key_file", t.key_file) if t.key_file else "",
+    t = DestinationTLS(ca_file=p.readable(tt, "ca_file", t.ca_file) if t.ca_file else "",
+                       cert_file=p.readable(tt, "cert_file", t.cert_file) if t.cert_file else "",
+                       key_file=p.readable(tt, "key_file", t.key_file) if t.key_file else "",
                        server_name=t.server_name, check_hostname=t.check_hostname)
     try:
         client_context(t)

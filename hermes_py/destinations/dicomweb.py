@@ -17,7 +17,6 @@ from __future__ import annotations
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -80,7 +79,7 @@ class DicomwebType(DestinationType):
                                            "username and password_file")
         for key in _FILE_KEYS:
             if own.get(key):
-                own[key] = _readable(reader, table, key, str(own[key]))
+                own[key] = reader.readable(table, key, str(own[key]), nonempty=True)
         s = DicomwebSettings(**common, **own, url=url)
         _check_auth(reader, table, s)
         if parts.scheme == "http":
@@ -109,20 +108,6 @@ class DicomwebType(DestinationType):
                workspace: Workspace = SYSTEM_TEMP) -> Destination:
         from hermes_py.destinations.stow import StowDestination
         return StowDestination(_dicomweb(settings), label=label, workspace=workspace)
-
-
-def _readable(reader: Reader, table: tuple[str | int, ...], key: str, value: str) -> str:
-    path = Path(value)
-    if not path.is_absolute():
-        path = reader.path.parent / path
-    try:
-        with open(path, "rb") as f:
-            empty = not f.read(1)
-    except OSError as e:
-        raise reader.err(table, key, f"cannot read {path}: {e.strerror or e}") from None
-    if empty:
-        raise reader.err(table, key, f"{path} is empty")
-    return str(path)
 
 
 def _check_auth(reader: Reader, table: tuple[str | int, ...], s: DicomwebSettings) -> None:

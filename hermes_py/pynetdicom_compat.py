@@ -13,11 +13,8 @@ so an upgrade of the pin is checked against one file:
   a factory that puts the file into the receiving process's own spool folder.
   Associations of any other AE in the process (a test's SCP) keep pynetdicom's
   own temp file, and the swap is undone when the last receiver stops.
-- ``dul._run_loop_delay``: pynetdicom's DUL thread sleeps this long (1 ms) after
-  every loop that found nothing to do, so each C-STORE waits up to 1 ms for its
-  data to be noticed and again for its response to be sent. We set 0.1 ms on our
-  own busy associations (each its own DUL object, never the class), and give an
-  idle one the 1 ms back: the poll costs a little CPU per open association.
+- the DUL's and the reactor's polling loops: see ``pynetdicom_wake`` (our own
+  associations wait for work instead of polling every millisecond).
 - ``dul.socket.socket``: TCP_NODELAY on our SCU sockets (pynetdicom never sets
   it; with Nagle and the peer's delayed ACK every small C-STORE stalls).
 - ``dul.send_pdu`` / ``dul.to_provider_queue`` / the acceptor's Maximum Length
@@ -42,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
 import struct
 import threading
@@ -59,17 +55,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 LOG = logging.getLogger(__name__)
 
-BUSY_LOOP_DELAY = 0.0001
-IDLE_LOOP_DELAY = 0.001   # pynetdicom's own
-
 # pynetdicom generates its SOP class constants at import, so they carry no types.
 VERIFICATION: str = sop_class.Verification  # type: ignore[attr-defined]
-
-
-def set_loop_delay(assoc: Any, delay: float) -> None:
-    """Per association (its own DUL object), never pynetdicom's class or module."""
-    with contextlib.suppress(AttributeError):
-        assoc.dul._run_loop_delay = delay
 
 
 def set_nodelay(assoc: Association) -> bool:
@@ -409,36 +396,6 @@ def guard_reads(assoc: Association, max_pdu: int) -> None:
         return buf
 
     transport.recv = recv  # type: ignore[method-assign]
-
-
-def wait_quietly_for_request(assoc: Association, interval: float = 0.05) -> None:
-    """Until its A-ASSOCIATE-RQ arrives, let this association's DUL wait in ``select``.
-
-    pynetdicom's DUL thread polls: every loop that finds nothing sleeps
-    ``_run_loop_delay`` (1 ms) and looks again (dul.py:401-447), 3% of a core per
-    open connection here; a hundred connections that never send anything (a scan, a
-    flood) took 120% of our 2 cores, and the accepting thread with it. In Sta2 (the
-    connection is up, no RQ yet) nothing is sent and nothing but the peer's data or
-    the ARTIM timer can happen, so the DUL's "is there data?" step
-    (``_is_transport_event``, per DUL object, never the class) first blocks in
-    ``select`` until the socket is readable, for at most ``interval`` (the ARTIM
-    timer is then checked as before), unless an event is already queued (a PDU read
-    in the first loop, before Evt5 took the DUL to Sta2). Data wakes it at once: no
-    latency added. From Sta3 on pynetdicom's own step runs unchanged.
-    """
-    dul = assoc.dul
-    original = dul._is_transport_event
-
-    def is_transport_event() -> bool:
-        if dul.state_machine.current_state == "Sta2" and dul.event_queue.empty():
-            transport = dul.socket
-            sock = transport.socket if transport is not None else None
-            if sock is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    select.select([sock], [], [], interval)
-        return original()
-
-    dul._is_transport_event = is_transport_event  # type: ignore[method-assign]
 
 
 def unrequested(ae: AE) -> list[Association]:

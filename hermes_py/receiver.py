@@ -59,7 +59,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
-from hermes_py import commitment_scp, proxy_protocol, pynetdicom_compat, tls
+from hermes_py import commitment_scp, proxy_protocol, pynetdicom_compat, pynetdicom_wake, tls
 from hermes_py.config import Settings
 from hermes_py.errors import HermesError
 from hermes_py.events import emit
@@ -94,10 +94,6 @@ UNLIMITED_PDU_CAP = 64 * 1024 * 1024
 EVICT_LOG_INTERVAL = 10.0
 STOP_GRACE = 10.0  # seconds in-flight associations get to finish on SIGTERM
 SWEEP_INTERVAL_MAX = 300.0
-# An association idle this long gets pynetdicom's own 1 ms DUL poll back (a modality
-# may hold an association open for long); a busy one polls every 0.1 ms.
-LOOP_RELAX_AFTER = 2.0
-HOUSEKEEPING_TICK = 1.0
 
 
 # ---------------------------------------------------------------- the server
@@ -133,8 +129,6 @@ class Receiver:
         self._closing = False
         self._lock = threading.Lock()
         self._temp_files: dict[int, set[SpoolTempFile]] = {}
-        # id(assoc) -> last C-STORE (monotonic), None once relaxed (see LOOP_RELAX_AFTER)
-        self._busy_at: dict[int, float | None] = {}
         self._in_handler = 0
         # Associations EVT_REQUESTED admitted: what max_associations counts (under _lock).
         self._admitted: weakref.WeakSet[Association] = weakref.WeakSet()
@@ -316,35 +310,13 @@ class Receiver:
         self.stop()
 
     def _sweep_loop(self) -> None:
-        """Housekeeping: relax the polling of idle associations; now and then sweep tmp/."""
+        """Housekeeping: now and then sweep tmp/."""
         interval = min(max(self.cfg.spool.tmp_max_age / 4, 1.0), SWEEP_INTERVAL_MAX)
-        next_sweep = time.monotonic() + interval
-        while not self._stopped.wait(HOUSEKEEPING_TICK):
-            self._relax_idle()
-            if time.monotonic() < next_sweep:
-                continue
-            next_sweep = time.monotonic() + interval
+        while not self._stopped.wait(interval):
             try:
                 self.spool.sweep_tmp(self.cfg.spool.tmp_max_age)
             except OSError as e:
                 LOG.warning("sweeping %s failed: %s", self.spool.tmp, e)
-
-    def _busy(self, assoc: Association) -> None:
-        """An association is receiving: let its DUL poll fast (see pynetdicom_compat)."""
-        if self._busy_at.get(id(assoc)) is None:
-            pynetdicom_compat.set_loop_delay(assoc, pynetdicom_compat.BUSY_LOOP_DELAY)
-        self._busy_at[id(assoc)] = time.monotonic()
-
-    def _relax_idle(self) -> None:
-        ae = self._ae
-        if ae is None:
-            return
-        now = time.monotonic()
-        for assoc in list(ae.active_associations):
-            at = self._busy_at.get(id(assoc))
-            if at is not None and now - at > LOOP_RELAX_AFTER:
-                pynetdicom_compat.set_loop_delay(assoc, pynetdicom_compat.IDLE_LOOP_DELAY)
-                self._busy_at[id(assoc)] = None
 
     # ------------------------------------------------------------ temp files
 
@@ -370,7 +342,9 @@ class Receiver:
         """
         assoc = event.assoc
         pynetdicom_compat.guard_reads(assoc, self.settings.max_pdu_size or UNLIMITED_PDU_CAP)
-        pynetdicom_compat.wait_quietly_for_request(assoc)
+        # Its two threads wait for data or work instead of polling (a connection that
+        # never sends its RQ, a scan or a flood, costs no CPU either).
+        pynetdicom_wake.wake_on_work(assoc)
         waiting = pynetdicom_compat.unrequested(assoc.ae)  # oldest first
         excess = []
         while len(waiting) >= MAX_UNREQUESTED:
@@ -400,7 +374,6 @@ class Receiver:
         pynetdicom_compat.end_unrequested(event.assoc)
         with self._lock:
             self._admitted.discard(event.assoc)
-        self._busy_at.pop(id(event.assoc), None)
         with self._lock:
             files = self._temp_files.pop(id(event.assoc), set())
         removed = sum(1 for f in files if f.discard())
@@ -443,7 +416,6 @@ class Receiver:
             # or the reactor closes the socket first and the peer sees an abort.
             assoc.kill()
             return
-        self._busy(assoc)
 
     def _refuse(self, sop: str, reason: str, peer: str, code: int = OUT_OF_RESOURCES,
                 cannot_store: bool = False) -> int:
@@ -484,7 +456,6 @@ class Receiver:
         rq = assoc.requestor.primitive
         called = (rq.called_ae_title if rq is not None else "").strip()
         peer = f"{calling}@{assoc.requestor.address}"
-        self._busy(assoc)
         tmp, _ = pynetdicom_compat.received_file(req)
         published: Path | None = None
         name = ""

@@ -6,7 +6,6 @@ kill -9 and multi-process ones are in test_dispatcher_process.py.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -30,6 +29,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import AllStoragePresentationContexts
 
+from hermes_py import pynetdicom_wake
 from hermes_py.config import RetryPolicy, Settings
 from hermes_py.destination_state import DestinationState
 from hermes_py.destinations.dicom_scu import DicomDestination
@@ -37,12 +37,19 @@ from hermes_py.destinations.negotiation import plan
 from hermes_py.dispatcher import SUCCESS_FLUSH_COUNT, Dispatcher, backoff_delay
 from hermes_py.lifecycle import Event
 from hermes_py.outcomes import RETRY_CAPS, LinkFailure, LinkKind, classify_reject
-from hermes_py.pynetdicom_compat import BUSY_LOOP_DELAY
 from hermes_py.severed import SEVERED_LIMIT
 from hermes_py.spool import Flag, Spool
 from tests.support.config import dest
 from tests.support.dicomgen import compressed_instance, dataset_bytes, make_instance
-from tests.support.peers import LOOPBACK, Script, ScriptedSCP, Storescp, free_port, wait_for
+from tests.support.peers import (
+    LOOPBACK,
+    Script,
+    ScriptedSCP,
+    Storescp,
+    free_port,
+    loops_per_second,
+    wait_for,
+)
 from tests.support.spool import (
     claimed,
     delivered,
@@ -656,9 +663,10 @@ def test_scu_socket_has_nodelay_and_the_stall_guard(make_settings) -> None:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             assert "_serve_request" in vars(assoc)  # patched on this object only
             assert assoc.requestor.ae_title == "HERMES"
-            # its DUL polls fast; pynetdicom's default (1 ms) is left alone for others
-            assert assoc.dul._run_loop_delay == BUSY_LOOP_DELAY < 0.001
-            assert DULServiceProvider(assoc)._run_loop_delay == 0.001
+            # its threads wait for work (pynetdicom_wake); a fresh DUL is pynetdicom's own
+            assert "_hermes_waker" in vars(assoc.dul) and assoc._hermes_woken
+            assert "_hermes_waker" not in vars(DULServiceProvider(assoc))
+            assert loops_per_second(assoc) < 2 * (2 / pynetdicom_wake.WAIT_MAX)
         finally:
             assoc.release()
 
@@ -754,9 +762,9 @@ def test_source_address_is_where_associations_come_from(make_settings,
         queue(spool, "pacs", make_instance(8, 8))
         with Dispatcher(cfg, "pacs") as d:
             assert d.run_once() == 1
-        wait_for(lambda: bool(list(rx.spool.incoming.glob("*.json"))), 10,
-                 what="the instance at the receiver")
-        side = json.loads(next(rx.spool.incoming.glob("*.json")).read_text())
+        (got,) = wait_for(lambda: list(rx.spool.incoming.glob("*.dcm")), 10,
+                          what="the instance at the receiver")
+        side = rx.spool.read_sidecar(got)
         assert side["peer_address"] == "127.0.0.2"
     finally:
         rx.stop(grace=1)

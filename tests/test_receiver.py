@@ -31,8 +31,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
-from hermes_py import pynetdicom_compat
-from hermes_py import receiver as receiver_mod
+from hermes_py import pynetdicom_compat, pynetdicom_wake
 from hermes_py.config import Settings
 from hermes_py.receiver import Receiver
 from hermes_py.spool import Spool, is_name
@@ -40,7 +39,7 @@ from tests.support import dicomgen, peers
 from tests.support.cli import hermes_cmd
 from tests.support.config import receiver
 from tests.support.dicomgen import uid_of
-from tests.support.peers import LOOPBACK, wait_for
+from tests.support.peers import LOOPBACK, loops_per_second, wait_for
 from tests.support.spool import sidecar
 from tests.support.spool import temp_files as tmp_files
 
@@ -310,12 +309,11 @@ def test_max_associations(make_receiver: Any) -> None:
     wait_for(another_gets_in, interval=0.2, what="a new association after the release")
 
 
-def test_busy_associations_poll_fast_idle_ones_relax(make_receiver: Any, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """pynetdicom's DUL sleeps 1 ms per empty loop; an association that is receiving
-    polls every BUSY_LOOP_DELAY, one left idle gets the 1 ms back. Per association:
-    pynetdicom's own default stays what it was."""
-    monkeypatch.setattr(receiver_mod, "LOOP_RELAX_AFTER", 0.3)
+def test_idle_associations_wait_for_work_instead_of_polling(make_receiver: Any,
+                                                            tmp_path: Path) -> None:
+    """pynetdicom's DUL and reactor each look for work every millisecond (2,000 looks a
+    second per open association); ours wait in select/Event.wait, at most WAIT_MAX each,
+    and a C-STORE after the quiet spell is still answered at once."""
     r = make_receiver()
     f = dicomgen.save(dicomgen.make_instance(16, 16), tmp_path / "a.dcm")
     ae = scu_ae([f])
@@ -325,14 +323,15 @@ def test_busy_associations_poll_fast_idle_ones_relax(make_receiver: Any, tmp_pat
         try:
             assert int(assoc.send_c_store(f).Status) == 0
             (ours,) = r._ae.active_associations
-            assert ours.dul._run_loop_delay == pynetdicom_compat.BUSY_LOOP_DELAY < 0.001
-            assert assoc.dul._run_loop_delay == 0.001  # another AE's association: untouched
-            wait_for(lambda: ours.dul._run_loop_delay == pynetdicom_compat.IDLE_LOOP_DELAY,
-                     what="the idle association to poll at 1 ms again")
+            assert "_hermes_waker" not in vars(assoc.dul)  # another AE's association: untouched
+            assert loops_per_second(ours) < 2 * (2 / pynetdicom_wake.WAIT_MAX)
+            t0 = time.monotonic()
             assert int(assoc.send_c_store(f).Status) == 0
-            assert ours.dul._run_loop_delay == pynetdicom_compat.BUSY_LOOP_DELAY
+            assert time.monotonic() - t0 < pynetdicom_wake.WAIT_MAX * 10
         finally:
             assoc.release()
+    wait_for(lambda: not ours.is_alive(), timeout=5, what="our association thread to end")
+    assert len(incoming(r)) == 2
 
 
 def test_port_probes_do_not_use_up_associations(make_receiver: Any) -> None:

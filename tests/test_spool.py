@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hermes_py.spool import Lock, Spool, Worker, durable
+from hermes_py.spool import Lock, Spool, Worker, carried, durable
 from tests.support.peers import wait_for
 from tests.support.spool import put
 
@@ -27,6 +28,43 @@ def test_publish_writes_sidecar_first_and_is_atomic(tmp_path: Path) -> None:
     s.ensure(["pacs"])
     dcm = put(s, s.incoming, DATA, sop="1.2.3", calling_ae="CT1")
     assert dcm.read_bytes() == DATA
+    assert s.read_sidecar(dcm)["calling_ae"] == "CT1"
+    assert list(s.tmp.iterdir()) == []
+
+
+def test_publish_into_incoming_carries_the_sidecar_in_one_fsync_with_the_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data's fsync makes the sidecar durable too (an xattr is inode metadata): two
+    fsyncs per published instance (data, folder), not three, and no .json in incoming/.
+    Linked onward, the .json the router writes wins over what the file carries."""
+    s = Spool(tmp_path)
+    s.ensure(["a"])
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(
+        f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    dcm = put(s, s.incoming, DATA, sop="1.2.3", calling_ae="CT1")
+    monkeypatch.undo()
+    assert len(synced) == 2, synced   # the data (still in tmp/), then incoming/
+    assert synced[0].startswith(str(s.tmp) + "/") and synced[1] == str(s.incoming)
+    assert not s.sidecar_of(dcm).exists()
+    assert carried.carried(dcm)["calling_ae"] == "CT1"
+    assert s.read_sidecar(dcm)["calling_ae"] == "CT1"
+    out = s.link(dcm, s.outbox("a"), {"destination": "a"})
+    assert s.read_sidecar(out) == {"destination": "a"}
+
+
+def test_publish_without_xattrs_writes_the_json(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem without user xattrs (ENOTSUP) gets the .json beside the .dcm."""
+    def refuse(*_: object) -> None:
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", refuse)
+    s = Spool(tmp_path)
+    s.ensure()
+    dcm = put(s, s.incoming, DATA, sop="1.2.3", calling_ae="CT1")
+    assert s.sidecar_of(dcm).exists() and carried.carried(dcm) == {}
     assert s.read_sidecar(dcm)["calling_ae"] == "CT1"
     assert list(s.tmp.iterdir()) == []
 

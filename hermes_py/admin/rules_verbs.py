@@ -15,7 +15,7 @@ from hermes_py import destinations, dicomfile, rules
 from hermes_py.admin import Result, alerts
 from hermes_py.config import Settings
 from hermes_py.destinations.dicom import DicomSettings
-from hermes_py.spool import JSON, Spool
+from hermes_py.spool import JSON, Spool, carried
 
 
 @dataclass
@@ -56,14 +56,17 @@ def check(cfg: Settings) -> Checked:
 
 
 def _facts_for_file(path: Path) -> tuple[dict[str, str | None], str]:
-    """Receive facts from a spool sidecar beside the file, else those of a dropped file."""
+    """Receive facts from the spool sidecar beside (or carried by) the file, else those of a
+    dropped file."""
     sidecar = path.with_suffix(JSON)
-    if path.suffix.lower() == ".dcm" and sidecar.is_file():
-        data = Spool.read_json(sidecar)
+    if path.suffix.lower() == ".dcm":
+        beside = sidecar.is_file()
+        data = Spool.read_json(sidecar) if beside else carried.carried(path)
         if data.get("source") or data.get("sop_instance_uid"):
             facts = rules.receive_facts(data)
             shown = ", ".join(f"{k}={v}" for k, v in facts.items() if v is not None)
-            return facts, f"receive facts from {sidecar.name}: {shown or 'none'}"
+            where = sidecar.name if beside else f"the sidecar {path.name} carries"
+            return facts, f"receive facts from {where}: {shown or 'none'}"
     return ({"CallingAE": None, "CalledAE": None, "PeerAddress": None, "Source": "drop"},
             "no sidecar: tested as a dropped file: Source=drop, no AE titles or address")
 

@@ -48,7 +48,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
-from hermes_py import outcomes, pynetdicom_compat, tls
+from hermes_py import outcomes, pynetdicom_compat, pynetdicom_wake, tls
 from hermes_py.destinations import negotiation, transcode
 from hermes_py.destinations.base import SYSTEM_TEMP, Destination, Item, Probe, Report, Workspace
 from hermes_py.destinations.dicom import DicomSettings
@@ -193,8 +193,8 @@ class DicomDestination(Destination):
         def on_open(event: evt.Event) -> None:
             opened.set()
             pynetdicom_compat.set_nodelay(event.assoc)
-            # the negotiation is quicker too
-            pynetdicom_compat.set_loop_delay(event.assoc, pynetdicom_compat.BUSY_LOOP_DELAY)
+            # its threads wait for work instead of polling (the negotiation too)
+            pynetdicom_wake.wake_on_work(event.assoc)
 
         t0 = time.monotonic()
         assoc = self.ae.associate(s.host, s.port, contexts=contexts, ae_title=s.ae_title,

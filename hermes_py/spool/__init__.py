@@ -20,9 +20,10 @@ Layout under the spool root::
     locks/                flock files of single-instance stages
     alerts/pending/ alerts/sent/ alerts/failed/   the alert outbox (spool/alerts.py)
 
-Each instance is ``<name>.dcm`` with ``<name>.json`` (its sidecar) beside it. The
-``.dcm`` is the commit point: a stage acts on ``*.dcm`` only, writes the sidecar
-first and renames the ``.dcm`` last. A ``.json`` with no ``.dcm`` is the harmless
+Each instance is ``<name>.dcm`` with ``<name>.json`` (its sidecar) beside it (in
+incoming/ the .dcm may carry it instead, ``carried``). The ``.dcm`` is the commit
+point: a stage acts on ``*.dcm`` only, writes the sidecar first and renames the
+``.dcm`` last. A ``.json`` with no ``.dcm`` is the harmless
 leftover of a crash between those two steps and the cleaner removes it.
 
 A sidecar's mtime is the instance's next-attempt time in an outbox, and the time
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from hermes_py.lifecycle import Stage
-from hermes_py.spool import durable
+from hermes_py.spool import carried, durable
 from hermes_py.spool.alerts import AlertOutbox
 from hermes_py.spool.claims import Worker
 from hermes_py.spool.drops import Drops
@@ -330,10 +331,7 @@ class Spool(Sweeps, Drops):
             shutil.copyfileobj(fi, fo, 1024 * 1024)
         return tmp
 
-    @staticmethod
-    def discard_temp(path: Path) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    discard_temp = staticmethod(durable.discard)
 
     # ------------------------------------------------------------ sidecars
 
@@ -344,7 +342,8 @@ class Spool(Sweeps, Drops):
     read_json = staticmethod(read_json)
 
     def read_sidecar(self, dcm: Path) -> Sidecar:
-        return of(read_json(self.sidecar_of(dcm)))
+        """The .json beside ``dcm``, else the sidecar the file carries (fresh in incoming/)."""
+        return of(read_json(self.sidecar_of(dcm)) or carried.carried(dcm))
 
     def write_bytes_atomic(self, target: Path, data: bytes, mtime: float | None = None) -> None:
         """tmp/ then fsync then rename: the target is never seen half-written."""
@@ -384,13 +383,17 @@ class Spool(Sweeps, Drops):
                 fsync_data: bool = True) -> Path:
         """Make a fully written file visible in ``folder`` as ``name``.dcm, durably.
 
-        Order: data fsync, sidecar (atomic), rename of the .dcm (the commit point),
-        directory fsync. When this returns the instance survives power loss.
+        Order: data and sidecar durable (carried by the file, ``carried``, or else
+        a .json written atomically beside it), rename of the .dcm (the commit
+        point), directory fsync. When this returns the instance survives power loss.
         """
-        if fsync_data:
-            fsync_path(src)
         dst = folder / (name + DCM)
-        self.write_json(folder / (name + JSON), sidecar)
+        if folder == self.incoming and carried.attach(src, sidecar):
+            fsync_path(src)   # the data and its sidecar in one
+        else:
+            if fsync_data:
+                fsync_path(src)
+            self.write_json(folder / (name + JSON), sidecar)
         os.replace(src, dst)
         fsync_dir(folder)
         return dst

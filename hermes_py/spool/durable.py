@@ -144,6 +144,12 @@ def _same_bytes(a: Path, b: Path, chunk: int) -> bool:
                 return True
 
 
+def discard(path: Path | str) -> None:
+    """Remove a temp file if it is there (nobody else has a name for it)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def dump_json(data: Any) -> bytes:
     """A sidecar's or state file's bytes: indented, so a person can read them with less."""
     return (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode()

@@ -574,3 +574,21 @@ class Orthanc:
 
 def pixel_bytes(ds: Dataset) -> bytes:
     return bytes(ds.PixelData) if "PixelData" in ds else b""
+
+
+def loops_per_second(assoc: Any, seconds: float = 0.5) -> float:
+    """How often ``assoc``'s DUL thread and reactor look for work, per second, while idle."""
+    counted = [0]
+    for obj, name in ((assoc.dul, "_is_transport_event"), (assoc.dimse, "get_msg")):
+        original = getattr(obj, name)
+
+        def counting(*a: Any, _original: Any = original, **k: Any) -> Any:
+            counted[0] += 1
+            return _original(*a, **k)
+
+        setattr(obj, name, counting)
+    t0 = time.monotonic()
+    end = t0 + seconds
+    while time.monotonic() < end:  # a measuring window, not a wait for a condition
+        time.sleep(end - time.monotonic())
+    return counted[0] / (time.monotonic() - t0)

@@ -23,7 +23,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from hermes_py.config import Settings
-from hermes_py.spool import Spool, new_name, now_iso
+from hermes_py.spool import Spool, carried, new_name, now_iso
 from hermes_py.spool import sidecar as sc
 from tests.support.dicomgen import make_instance, save
 from tests.support.peers import LOOPBACK
@@ -92,7 +92,10 @@ def put(where: Where, folder: Path | None = None, content: Dataset | bytes | Non
     data.update(facts)  # type: ignore[typeddict-item]
     dcm = spool.publish(tmp, folder, name, data, fsync_data=False)
     if mtime is not None:
-        os.utime(spool.sidecar_of(dcm), (mtime, mtime))
+        if spool.sidecar_of(dcm).exists():
+            os.utime(spool.sidecar_of(dcm), (mtime, mtime))
+        else:  # carried (incoming/): a .json with that mtime, as a later stage writes one
+            spool.write_json(spool.sidecar_of(dcm), data, mtime)
     return dcm
 
 
@@ -106,9 +109,16 @@ def queue(where: Where, dest: str, content: Dataset | bytes | None = None,
 
 
 def sidecar(dcm: Path) -> dict[str, Any]:
-    """The sidecar beside ``dcm`` (a missing one is an error, not an empty dict)."""
-    data: dict[str, Any] = json.loads(dcm.with_suffix(".json").read_text())
-    return data
+    """The sidecar beside ``dcm``, or the one it carries (fresh in incoming/): a missing
+    one is an error, not an empty dict."""
+    js = dcm.with_suffix(".json")
+    if not js.exists():
+        data = carried.carried(dcm)
+        if not data:
+            raise FileNotFoundError(f"no sidecar beside or carried by {dcm}")
+        return data
+    loaded: dict[str, Any] = json.loads(js.read_text())
+    return loaded
 
 
 def dcms(folder: Path) -> list[Path]:

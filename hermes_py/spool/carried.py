@@ -1,0 +1,53 @@
+"""A sidecar carried by the instance file itself, in an extended attribute, until a stage
+writes the .json beside it.
+
+Why: publishing into incoming/ must make the data and the receive facts durable
+before the rename, and the rename durable before Success. As two files that is an
+fsync for the data, one for the sidecar and one for the folder, and on this
+hardware every fsync is a cache flush of its own. An xattr is inode metadata: the
+data's fsync carries it, so the same promise costs two fsyncs. The router reads it
+through :meth:`Spool.read_sidecar` like any sidecar and writes real .json files for
+every place it links the instance into (it always did), so only incoming/ holds
+instances without a .json beside them.
+
+Filesystems without user xattrs (some NFS and FUSE mounts, tmpfs before Linux 6.6)
+refuse with ENOTSUP: then publishing writes the .json as before. Hard links share
+the attribute, so a copy linked onward still carries the receive facts; a .json
+beside a file always wins over it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+ATTRIBUTE = "user.hermes.sidecar"
+# The filesystem cannot hold it (no user xattrs, no room in the inode or its xattr
+# block, a value over its limit): the caller writes a .json instead.
+_CANNOT_CARRY = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.E2BIG, errno.ERANGE,
+                           errno.ENOSPC, errno.EPERM, errno.EACCES})
+
+
+def attach(path: Path, data: Any) -> bool:
+    """Put ``data`` on ``path`` (not yet durable: the caller fsyncs the file); False when
+    this filesystem cannot carry it."""
+    value = json.dumps(data, separators=(",", ":"), default=str).encode()
+    try:
+        os.setxattr(path, ATTRIBUTE, value)
+    except OSError as e:
+        if e.errno in _CANNOT_CARRY:
+            return False
+        raise
+    return True
+
+
+def carried(path: Path) -> dict[str, Any]:
+    """The sidecar ``path`` carries, or {} (none, unreadable, or no xattrs here)."""
+    try:
+        data = json.loads(os.getxattr(path, ATTRIBUTE))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

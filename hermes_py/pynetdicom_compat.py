@@ -15,6 +15,8 @@ so an upgrade of the pin is checked against one file:
   own temp file, and the swap is undone when the last receiver stops.
 - the DUL's and the reactor's polling loops: see ``pynetdicom_wake`` (our own
   associations wait for work instead of polling every millisecond).
+- ``dimse_messages.encode``: command sets encoded without pydicom's general writer,
+  byte for byte the same (``dimse_codec``), installed when this module is imported.
 - ``dul.socket.socket``: TCP_NODELAY on our SCU sockets (pynetdicom never sets
   it; with Nagle and the peer's delayed ACK every small C-STORE stalls).
 - ``dul.send_pdu`` / ``dul.to_provider_queue`` / the acceptor's Maximum Length
@@ -53,7 +55,10 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA, MaximumLengthNotification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from hermes_py import dimse_codec
+
 LOG = logging.getLogger(__name__)
+dimse_codec.install()
 
 # pynetdicom generates its SOP class constants at import, so they carry no types.
 VERIFICATION: str = sop_class.Verification  # type: ignore[attr-defined]

@@ -48,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import association as _association
+from pynetdicom import evt
 from pynetdicom.association import Association
 
 # The longest either loop waits before pynetdicom's own checks run again.
@@ -80,23 +81,38 @@ if not isinstance(getattr(_association, "time", None), _ReactorTime):
 
 
 class _Waker:
-    """One association's wake-ups: a pipe the DUL's select sees, an Event for the reactor."""
+    """One association's wake-ups: a pipe the DUL's select sees, an Event for the reactor.
+
+    The pipe is closed when the connection closes (``EVT_CONN_CLOSE``), or when the
+    waker is collected. Writes and reads hold the lock and look at ``closed`` first:
+    a closed descriptor's number may already be another file's, which must never get
+    our byte or lose one of its own to us.
+    """
 
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self.write_fd, False)
         self.reactor = threading.Event()
-        weakref.finalize(self, _close, self.read_fd, self.write_fd)
+        self.closed = False
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _close, self.read_fd, self.write_fd)
 
     def wake_dul(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self.write_fd, b"\0")
+        with self._lock, contextlib.suppress(BlockingIOError, OSError):
+            if not self.closed:
+                os.write(self.write_fd, b"\0")
 
     def drain(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            while os.read(self.read_fd, 512):
+        with self._lock, contextlib.suppress(BlockingIOError, OSError):
+            while not self.closed and os.read(self.read_fd, 512):
                 pass
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            self._finalizer()
+        self.reactor.set()
 
 
 def _close(*fds: int) -> None:
@@ -169,6 +185,7 @@ def wake_on_work(assoc: Association, wait_max: float = WAIT_MAX) -> None:
 
     assoc.dimse.get_msg = wait_then_get  # type: ignore[method-assign]
     assoc._hermes_woken = True  # type: ignore[attr-defined]
+    assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: waker.close())
 
 
 def _wait_for_dul_work(dul: Any, waker: _Waker, wait_max: float) -> None:
@@ -183,6 +200,8 @@ def _wait_for_dul_work(dul: Any, waker: _Waker, wait_max: float) -> None:
         return
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return   # decrypted bytes already buffered: select would not see them
+    if waker.closed:
+        return
     try:
         readable, _, _ = select.select([sock, waker.read_fd], [], [], wait_max)
     except (OSError, ValueError):

@@ -331,7 +331,34 @@ def test_idle_associations_wait_for_work_instead_of_polling(make_receiver: Any,
         finally:
             assoc.release()
     wait_for(lambda: not ours.is_alive(), timeout=5, what="our association thread to end")
+    assert ours.dul._hermes_waker.closed   # its wake-up pipe went with the connection
     assert len(incoming(r)) == 2
+
+
+def test_wake_up_pipes_do_not_outlive_their_connections(make_receiver: Any) -> None:
+    """Each of our associations has a wake-up pipe: closed with its connection, not left
+    for the garbage collector (a busy receiver would run out of descriptors first)."""
+    r = make_receiver()
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def echo_once() -> None:
+        assoc = ae.associate(LOOPBACK, r.port, ae_title="HERMES")
+        assert assoc.is_established
+        assert int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+
+    echo_once()
+    wait_for(lambda: not r._ae.active_associations, timeout=10, what="the first to end")
+    before = open_fds()
+    for _ in range(30):
+        echo_once()
+    wait_for(lambda: not r._ae.active_associations, timeout=10, what="all to end")
+    wait_for(lambda: open_fds() <= before + 2, timeout=10,
+             what=f"descriptors back to {before} (now {open_fds()})")
 
 
 def test_port_probes_do_not_use_up_associations(make_receiver: Any) -> None:

@@ -236,6 +236,9 @@ def test_haproxy_send_proxy_v1_v2_and_tls_name_the_modality(tmp_path: Path, herm
                 _store_from(ports["tls"], modalities[2], (client, "localhost")): modalities[2]}
         wait_delivered(lambda: peer.uids, set(sent), what="the three instances at the PACS "
                        "(routed by PeerAddress)", hermes=h)
+        # at the PACS first, then recorded in success/ (the dispatcher's batched flush)
+        wait_for(lambda: len(list(h.spool.success_dir("pacs").glob("*.json"))) == len(sent),
+                 what="the three recorded in success/pacs/")
         seen = {}
         for side in h.spool.success_dir("pacs").glob("*.json"):
             data = __import__("json").loads(side.read_text())

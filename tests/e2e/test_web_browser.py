@@ -72,6 +72,13 @@ def _state(driver: Any, name: str) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, f"#dest-{name} .state").text)
 
 
+def _click(driver: Any, css: str) -> bool:
+    """Click what ``css`` names now (a card re-rendered since it was found is stale)."""
+    from selenium.webdriver.common.by import By
+    driver.find_element(By.CSS_SELECTOR, css).click()
+    return True
+
+
 def _pacs_line(h: Hermes) -> str:
     out = h.cli("status").stdout
     return next(line for line in out.splitlines() if line.startswith("pacs "))
@@ -80,6 +87,7 @@ def _pacs_line(h: Hermes) -> str:
 @pytest.mark.browser
 def test_log_in_hold_release_and_watch_the_feed(serve: Callable[..., Hermes], tmp_path: Path,
                                                 browser: Any) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -95,7 +103,8 @@ def test_log_in_hold_release_and_watch_the_feed(serve: Callable[..., Hermes], tm
     added = _add_user(h)
     assert added.returncode == 0, added.stderr
     base = f"http://127.0.0.1:{web_port}"
-    wait = WebDriverWait(browser, WAIT)
+    # the page re-renders a card on every refresh: an element read just then is stale
+    wait = WebDriverWait(browser, WAIT, ignored_exceptions=(StaleElementReferenceException,))
 
     browser.get(base + "/")
     assert "/login" in browser.current_url
@@ -105,10 +114,10 @@ def test_log_in_hold_release_and_watch_the_feed(serve: Callable[..., Hermes], tm
     card = wait.until(lambda d: d.find_elements(By.ID, "dest-pacs"))[0]
     assert "queued" in card.text and browser.find_element(By.ID, "who").text.startswith("ada")
 
-    card.find_element(By.CSS_SELECTOR, 'button[data-verb="hold"]').click()
+    wait.until(lambda d: _click(d, '#dest-pacs button[data-verb="hold"]'))
     wait.until(lambda d: _state(d, "pacs") == "HELD")
     assert "HELD" in _pacs_line(h)
-    browser.find_element(By.CSS_SELECTOR, '#dest-pacs button[data-verb="release"]').click()
+    wait.until(lambda d: _click(d, '#dest-pacs button[data-verb="release"]'))
     wait.until(lambda d: _state(d, "pacs") != "HELD")
     assert "HELD" not in _pacs_line(h)
 

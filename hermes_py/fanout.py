@@ -32,7 +32,7 @@ from typing import Any
 from hermes_py import dicomfile, log, rules
 from hermes_py.events import emit
 from hermes_py.lifecycle import Event, Stage
-from hermes_py.spool import JSON, SidecarBatch, Spool, disk_full, now_iso
+from hermes_py.spool import JSON, SidecarBatch, Spool, carried, disk_full, now_iso
 from hermes_py.spool import sidecar as sc
 
 LOG = logging.getLogger(__name__)
@@ -201,6 +201,8 @@ class Fanout:
                 # Not recorded (or not durably): link none of them; the next pass decides again.
                 plans = [p for p in plans if p.recovering]
                 self.trouble(e, "cannot record routing decisions now")
+        for plan in plans:   # each decision .json holds the receive facts now
+            carried.drop(plan.dcm)
         jobs: list[Job] = []
         for plan in plans:
             try:
@@ -241,10 +243,11 @@ class Fanout:
     def _discard(self, dcm: Path, sidecar: sc.Sidecar, decision: rules.Decision,
                  commit: Commit, sop: str) -> None:
         try:
-            self.spool.move(dcm, self.spool.discard,
-                            sidecar=sc.discarded(sidecar, decision.reason, decision.discarded_by))
+            kept = self.spool.move(dcm, self.spool.discard, sidecar=sc.discarded(
+                sidecar, decision.reason, decision.discarded_by))
         except FileNotFoundError:
             return
+        carried.drop(kept)
         commit.dirs.add(self.spool.discard)
         commit.done += 1
         commit.events.append((Event.DISCARDED, sop, None,
@@ -256,6 +259,7 @@ class Fanout:
             dst = self.spool.quarantine(dcm, reason, "route", sidecar=sidecar)
         except FileNotFoundError:
             return
+        carried.drop(dst)
         commit.done += 1
         # quarantine() made it durable already: say so now, not after the chunk.
         emit(LOG, Event.ERROR, sop, level=logging.ERROR, reason=reason, name=dst.stem)

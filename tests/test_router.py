@@ -29,7 +29,7 @@ from pydicom.uid import generate_uid
 from hermes_py import batches, fanout, router
 from hermes_py.config import Settings, load
 from hermes_py.intake import DropIntake
-from hermes_py.spool import URGENT, Spool, is_name
+from hermes_py.spool import URGENT, Spool, carried, is_name
 from tests.support.cli import hermes_cmd
 from tests.support.config import Config, Dest
 from tests.support.dicomgen import dataset_bytes, make_instance, save
@@ -155,6 +155,8 @@ to = ["b"]
         name = env.publish(ds)
         sources[name] = ds
     us = env.publish(make_instance(16, 16, modality="US"), calling_ae="US1")
+    # as received: the sidecar carried by the .dcm (an xattr), no .json yet
+    assert all(carried.carried(env.spool.incoming / f"{n}.dcm") for n in [*sources, us])
     with running(env.cfg):
         wait(env.incoming_empty, what="incoming/ to drain")
     sp = env.spool
@@ -162,6 +164,7 @@ to = ["b"]
         a, b = sp.outbox("a") / f"{name}.dcm", sp.outbox("b") / f"{name}.dcm"
         assert a.stat().st_ino == b.stat().st_ino  # one inode ...
         assert a.stat().st_nlink == 2  # ... two links, no incoming copy left
+        assert os.listxattr(a) == []   # the router took the carried sidecar off (4 KiB)
         with open(a, "rb") as f:
             assert b"DICM" in f.read(132)
         for dest, path in (("a", a), ("b", b)):
@@ -182,6 +185,7 @@ to = ["b"]
     assert sc["discard"]["reason"] == "no rule matched" and sc["discard"]["rule"] is None
     assert sc["routing"]["destinations"] == []
     assert (sp.discard / f"{us}.dcm").stat().st_nlink == 1
+    assert os.listxattr(sp.discard / f"{us}.dcm") == []
     assert env.names(sp.outbox("c")) == set()
 
 

@@ -10,6 +10,10 @@ through :meth:`Spool.read_sidecar` like any sidecar and writes real .json files 
 every place it links the instance into (it always did), so only incoming/ holds
 instances without a .json beside them.
 
+The attribute takes a block of its own on ext4 (4 KiB per instance, for as long as the
+inode lives, success/ included), so the router takes it off (:func:`drop`) once its
+decision, a .json holding every receive fact, is durable: before linking anywhere.
+
 Filesystems without user xattrs (some NFS and FUSE mounts, tmpfs before Linux 6.6)
 refuse with ENOTSUP: then publishing writes the .json as before. Hard links share
 the attribute, so a copy linked onward still carries the receive facts; a .json
@@ -51,3 +55,14 @@ def carried(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def drop(path: Path) -> None:
+    """Take the carried sidecar off ``path`` once a .json beside it says everything.
+
+    Not made durable: a crash that undoes it leaves only the attribute's block.
+    """
+    try:
+        os.removexattr(path, ATTRIBUTE)
+    except OSError:
+        pass  # none there (the usual case), the file gone, or no xattrs here

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydicom import dcmread, filewriter
+from pydicom.filebase import DicomFileLike
 from pynetdicom import dimse_messages, dsutils
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE, N_ACTION, N_EVENT_REPORT
+from pynetdicom.dsutils import create_file_meta
 
 from hermes_py import dimse_codec
 
@@ -80,3 +84,20 @@ def test_installed_for_pynetdicom() -> None:
     import hermes_py.pynetdicom_compat  # noqa: F401  (installs it)
 
     assert dimse_messages.encode is dimse_codec.encode
+    assert dimse_messages.write_file_meta_info is dimse_codec.write_file_meta_info
+
+
+@settings(max_examples=60, deadline=None)
+@given(UIDS, UIDS, st.sampled_from(["1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
+                                    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.5"]))
+def test_file_meta_of_a_received_instance(cls: str, sop: str, ts: str) -> None:
+    """What chunked receive puts before each received data set: pydicom's bytes."""
+    meta = create_file_meta(sop_class_uid=cls, sop_instance_uid=sop, transfer_syntax=ts)
+    ours, theirs = BytesIO(), BytesIO()
+    dimse_codec.write_file_meta_info(ours, meta)
+    filewriter.write_file_meta_info(DicomFileLike(theirs),
+                                    create_file_meta(sop_class_uid=cls, sop_instance_uid=sop,
+                                                     transfer_syntax=ts))
+    assert ours.getvalue() == theirs.getvalue()
+    assert dcmread(BytesIO(b"\0" * 128 + b"DICM" + ours.getvalue()),
+                   force=True).file_meta.MediaStorageSOPInstanceUID == sop

@@ -38,6 +38,8 @@ KINDS = {
     "receive4": "four dcmsend at once (MOD1..MOD4, a quarter of the corpus each) -> hermes-py "
                 "receive x [receiver] processes, until the last dcmsend has every Success",
     "orthanc-receive4": "the same four dcmsend at once -> Orthanc (no Lua)",
+    "pynetdicom-receive4": "the same four dcmsend at once -> bare pynetdicom SCPs, one per "
+                           "receiver process: the library's own ceiling there",
     "backlog": "queued in spool/outgoing/<dest>/ while storescp is down, then storescp "
                "starts: first to last arrival at storescp",
 }
@@ -108,7 +110,7 @@ def ratio_direct(results: list[Result], r: Result) -> float | None:
 
 def ratio_orthanc(results: list[Result], r: Result) -> float | None:
     other = {"receive": "orthanc-receive", "relay": "orthanc-relay",
-             "receive4": "orthanc-receive4"}.get(r.kind)
+             "receive4": "orthanc-receive4", "pynetdicom-receive4": "orthanc-receive4"}.get(r.kind)
     if other is None:
         return None
     ref = _find(results, other, r.corpus)

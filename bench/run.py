@@ -41,6 +41,7 @@ CORPORA = ("small", "ct", "compressed", "big")
 # The big instance is about memory, not rate: relayed by us and by Orthanc only.
 ORDER: list[tuple[str, str]] = [(k, c) for k in KINDS for c in CORPORA if c != "big"] + [
     ("receive4", "small"), ("orthanc-receive4", "small"),  # four modalities at once
+    ("pynetdicom-receive4", "small"),
     ("relay", "big"), ("orthanc-relay", "big"), ("backlog", "backlog")]
 
 

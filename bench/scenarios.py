@@ -232,15 +232,19 @@ SENDERS = 4
 PARALLEL_PROCESSES = 2
 
 
-def _send_parallel(port: int, c: corpus_mod.Corpus, called: str, ctx: Context) -> float:
-    """SENDERS dcmsend at once (calling MOD1..MOD4), each its share of ``c``; the seconds
-    until the last one exits, every instance answered Success."""
+def _send_parallel(port: int | list[int], c: corpus_mod.Corpus, called: str,
+                   ctx: Context) -> float:
+    """SENDERS dcmsend at once (calling MOD1..MOD4), each its share of ``c`` (to the ports
+    in turn, given several); the seconds until the last one exits, every instance
+    answered Success."""
+    ports = port if isinstance(port, list) else [port]
     shares = [c.files[i::SENDERS] for i in range(SENDERS)]
     box: dict[int, Any] = {}
 
     def go(i: int) -> None:
         try:
-            box[i] = peers.dcmsend(port, shares[i], called=called, calling=f"MOD{i + 1}",
+            box[i] = peers.dcmsend(ports[i % len(ports)], shares[i], called=called,
+                                   calling=f"MOD{i + 1}",
                                    timeout=ctx.stall + c.count * 2.0)
         except BaseException as e:  # surfaced below
             box[i] = e
@@ -310,10 +314,11 @@ def relay(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
                            "peak_rss_mb": round(max(rss.peak_mb.values(), default=0.0), 1)})
 
 
-def pynetdicom_receive(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
-    """The same transfer into a bare pynetdicom SCP (bench.floor): the library's floor."""
+@contextlib.contextmanager
+def _floor(d: Path, name: str = "floor") -> Iterator[int]:
+    """A bare pynetdicom SCP (bench.floor) in a process of its own; yields its port."""
     port = peers.free_port()
-    with open(d / "floor.log", "wb") as log:
+    with open(d / f"{name}.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "bench.floor", str(port)],
                                 cwd=Path(__file__).resolve().parent.parent,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -321,11 +326,9 @@ def pynetdicom_receive(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
         deadline = time.monotonic() + 60
         while peers.echoscu(port, called="HERMES", timeout=10).returncode != 0:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"bench.floor did not come up: {tail(d / 'floor.log')}")
+                raise BenchError(f"bench.floor did not come up: {tail(d / f'{name}.log')}")
             time.sleep(0.2)
-        t0 = time.time()
-        r = _dcmsend(port, c, "HERMES", ctx)
-        dt = time.time() - t0
+        yield port
     finally:
         proc.terminate()
         try:
@@ -333,8 +336,26 @@ def pynetdicom_receive(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def pynetdicom_receive(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
+    """The same transfer into a bare pynetdicom SCP (bench.floor): the library's floor."""
+    with _floor(d) as port:
+        t0 = time.time()
+        r = _dcmsend(port, c, "HERMES", ctx)
+        dt = time.time() - t0
     _check_dcmsend(r, c.count)
     return Run(dt)
+
+
+def pynetdicom_receive_parallel(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
+    """The four senders into PARALLEL_PROCESSES bare pynetdicom SCPs (the senders spread
+    over them as SO_REUSEPORT would): the library's own ceiling for receive4."""
+    n = ctx.receiver_processes or PARALLEL_PROCESSES
+    with contextlib.ExitStack() as stack:
+        ports = [stack.enter_context(_floor(d, f"floor-{i}")) for i in range(n)]
+        dt = _send_parallel(ports, c, "HERMES", ctx)
+    return Run(dt, {"processes": n})
 
 
 def orthanc_receive(ctx: Context, c: corpus_mod.Corpus, d: Path) -> Run:
@@ -381,6 +402,7 @@ RUNNERS: dict[str, Callable[[Context, corpus_mod.Corpus, Path], Run]] = {
     "direct": direct, "receive": receive, "relay": relay, "pynetdicom-receive": pynetdicom_receive,
     "orthanc-receive": orthanc_receive, "orthanc-relay": orthanc_relay,
     "receive4": receive_parallel, "orthanc-receive4": orthanc_receive_parallel,
+    "pynetdicom-receive4": pynetdicom_receive_parallel,
 }
 
 

@@ -56,8 +56,6 @@ WAIT_MAX = 0.05
 # What the DUL sleeps after a loop that found nothing: the hop from a woken wait to
 # the send step (pynetdicom's 1 ms would be added to every response).
 DUL_LOOP_DELAY = 0.0001
-
-
 # The reactor's own sleep (association.py:714), the only ``time.sleep(0.001)`` there.
 REACTOR_SLEEP = 0.001
 
@@ -179,8 +177,9 @@ def wake_on_work(assoc: Association, wait_max: float = WAIT_MAX) -> None:
         if not block and threading.current_thread() is assoc and msgs.empty():
             reactor.clear()
             # Looked at again after clear(): a put in between has set the Event.
-            if msgs.empty() and dul.to_user_queue.empty() and assoc._reactor_checkpoint.is_set():
-                reactor.wait(wait_max)
+            if (not waker.closed and msgs.empty() and dul.to_user_queue.empty()
+                    and assoc._reactor_checkpoint.is_set()):
+                reactor.wait(wait_max)   # closed: the connection is gone, look at once
         return get_msg(block=block)
 
     assoc.dimse.get_msg = wait_then_get  # type: ignore[method-assign]

@@ -15,9 +15,8 @@ inode lives, success/ included), so the router takes it off (:func:`drop`) once 
 decision, a .json holding every receive fact, is durable: before linking anywhere.
 
 Filesystems without user xattrs (some NFS and FUSE mounts, tmpfs before Linux 6.6)
-refuse with ENOTSUP: then publishing writes the .json as before. Hard links share
-the attribute, so a copy linked onward still carries the receive facts; a .json
-beside a file always wins over it.
+refuse with ENOTSUP: then publishing writes the .json as before. A .json beside a
+file always wins over what it carries.
 """
 
 from __future__ import annotations
